@@ -1,0 +1,38 @@
+//! Administration commands that work on the database directly.
+//!
+//! Each new key is printed alone as the first line of standard output and is
+//! never shown again; only its hash is stored. A running `serve` looks keys up
+//! in the database, so a new key works at once.
+
+use uuid::Uuid;
+
+use crate::domain::credentials::{generate_api_key, generate_producer_token, hash_credential};
+use crate::store::{Store, redact_url};
+
+pub async fn create_api_key(database_url: &str, business: Uuid) -> anyhow::Result<()> {
+    let store = Store::open(database_url).await?;
+    let key = generate_api_key();
+    store
+        .insert_api_key(business, hash_credential(&key))
+        .await?;
+    println!("{key}");
+    eprintln!("API key for business {business} created. It is shown only once; store it safely.");
+    Ok(())
+}
+
+pub async fn create_producer_token(database_url: &str, name: String) -> anyhow::Result<()> {
+    let store = Store::open(database_url).await?;
+    let token = generate_producer_token();
+    store
+        .insert_producer_token(name.clone(), hash_credential(&token))
+        .await?;
+    println!("{token}");
+    eprintln!("Producer token {name:?} created. It is shown only once; store it safely.");
+    Ok(())
+}
+
+pub async fn migrate(database_url: &str) -> anyhow::Result<()> {
+    Store::open(database_url).await?;
+    eprintln!("database {} is up to date", redact_url(database_url));
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! `POST /v1/events`: the producer reports a domain event.
+//!
+//! A `202` is sent only after the event, its payload and all its deliveries
+//! are committed. Invalid input stores nothing.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use super::auth::Producer;
+use super::{ApiError, AppState, FieldError, json_object, unknown_fields};
+use crate::domain::catalogue::{EventType, find_event};
+use crate::domain::changes::check_tracked_types;
+use crate::domain::clock::{format_occurred_on, is_valid_occurred_on, now_micros};
+use crate::domain::payload::build_payload;
+use crate::store::NewEvent;
+
+const FIELDS: &[&str] = &[
+    "event",
+    "business_account_id",
+    "aggregate_id",
+    "occurred_on",
+    "data",
+    "previous",
+];
+
+/// A producer request that passed validation.
+struct EventRequest {
+    event: &'static EventType,
+    business_id: Uuid,
+    aggregate_id: Uuid,
+    occurred_on: Option<String>,
+    data: Map<String, Value>,
+    previous: Option<Map<String, Value>>,
+}
+
+fn parse_uuid_field(
+    object: &Map<String, Value>,
+    field: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<Uuid> {
+    match object.get(field) {
+        None | Some(Value::Null) => errors.push(FieldError::new(field, "is required")),
+        Some(Value::String(text)) => match Uuid::try_parse(text) {
+            Ok(id) => return Some(id),
+            Err(_) => errors.push(FieldError::new(field, format!("{text:?} is not a UUID"))),
+        },
+        Some(_) => errors.push(FieldError::new(field, "must be a UUID string")),
+    }
+    None
+}
+
+fn parse_snapshot(
+    object: &Map<String, Value>,
+    field: &str,
+    event: Option<&EventType>,
+    errors: &mut Vec<FieldError>,
+) -> Option<Map<String, Value>> {
+    let snapshot = match object.get(field) {
+        None | Some(Value::Null) => return None,
+        Some(Value::Object(snapshot)) => snapshot.clone(),
+        Some(_) => {
+            errors.push(FieldError::new(field, "must be a JSON object"));
+            return None;
+        }
+    };
+    if let Some(event) = event {
+        for error in check_tracked_types(event.entity, &snapshot) {
+            errors.push(FieldError::new(
+                format!("{field}.{}", error.key),
+                format!("must be {} for {}", error.expected, event.entity.name),
+            ));
+        }
+    }
+    Some(snapshot)
+}
+
+fn parse_request(object: &Map<String, Value>) -> Result<EventRequest, ApiError> {
+    let mut errors = Vec::new();
+    unknown_fields(object, FIELDS, &mut errors);
+
+    let event = match object.get("event") {
+        None | Some(Value::Null) => {
+            errors.push(FieldError::new("event", "is required"));
+            None
+        }
+        Some(Value::String(name)) => {
+            let found = find_event(name);
+            if found.is_none() {
+                errors.push(FieldError::new(
+                    "event",
+                    format!("{name:?} is not a known event"),
+                ));
+            }
+            found
+        }
+        Some(_) => {
+            errors.push(FieldError::new("event", "must be a string"));
+            None
+        }
+    };
+    let business_id = parse_uuid_field(object, "business_account_id", &mut errors);
+    let aggregate_id = parse_uuid_field(object, "aggregate_id", &mut errors);
+
+    let occurred_on = match object.get("occurred_on") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(text)) if is_valid_occurred_on(text) => Some(text.clone()),
+        Some(Value::String(text)) => {
+            errors.push(FieldError::new(
+                "occurred_on",
+                format!("{text:?} is not a UTC time in the form YYYY-MM-DD HH:MM:SS"),
+            ));
+            None
+        }
+        Some(_) => {
+            errors.push(FieldError::new("occurred_on", "must be a string"));
+            None
+        }
+    };
+
+    if object.get("data").is_none_or(Value::is_null) {
+        errors.push(FieldError::new("data", "is required"));
+    }
+    let data = parse_snapshot(object, "data", event, &mut errors);
+    let previous = parse_snapshot(object, "previous", event, &mut errors);
+
+    match (event, business_id, aggregate_id, data) {
+        (Some(event), Some(business_id), Some(aggregate_id), Some(data)) if errors.is_empty() => {
+            Ok(EventRequest {
+                event,
+                business_id,
+                aggregate_id,
+                occurred_on,
+                data,
+                previous,
+            })
+        }
+        _ => Err(ApiError::validation(errors)),
+    }
+}
+
+pub async fn accept_event(
+    State(state): State<AppState>,
+    _producer: Producer,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let object = json_object(body)?;
+    let request = parse_request(&object)?;
+
+    let accepted_at = now_micros();
+    let occurred_on = request
+        .occurred_on
+        .unwrap_or_else(|| format_occurred_on(accepted_at));
+    // Without `previous`, an update's payload needs the stored state, which
+    // only the store can read consistently, so it builds the payload itself.
+    let payload = (!request.event.is_update() || request.previous.is_some()).then(|| {
+        build_payload(
+            request.event,
+            request.aggregate_id,
+            &occurred_on,
+            &request.data,
+            request.previous.as_ref(),
+        )
+    });
+    let dispatcher = state.dispatcher();
+    let new_event = NewEvent {
+        id: Uuid::now_v7(),
+        business_id: request.business_id,
+        event: request.event,
+        aggregate_id: request.aggregate_id,
+        occurred_on,
+        data: request.data,
+        payload,
+        accepted_at,
+        lease: dispatcher.map(|dispatcher| dispatcher.new_lease(accepted_at)),
+    };
+    let accepted = state.store().accept_event(new_event).await?;
+    let deliveries = accepted.jobs.len();
+    if let Some(dispatcher) = dispatcher {
+        dispatcher.submit(accepted.jobs);
+    }
+    let body = serde_json::json!({ "id": accepted.event_id, "deliveries": deliveries });
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}

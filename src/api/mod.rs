@@ -1,0 +1,151 @@
+//! The HTTP API: webhook management for businesses and event intake for the producer.
+
+mod auth;
+mod events;
+mod problem;
+mod webhooks;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::DefaultBodyLimit;
+use axum::extract::rejection::BytesRejection;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+pub use problem::{ApiError, FieldError};
+
+use crate::config::ServiceConfig;
+use crate::delivery::Dispatcher;
+use crate::store::Store;
+
+/// Request bodies accepted by the management API at most, in bytes.
+pub const MAX_MANAGEMENT_BODY: usize = 64 * 1024;
+/// Request bodies accepted by `POST /v1/events` at most, in bytes.
+pub const MAX_EVENT_BODY: usize = 1024 * 1024;
+/// Webhooks one business may register at most.
+pub const MAX_WEBHOOKS_PER_BUSINESS: usize = 100;
+
+/// State shared by every request handler.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<StateInner>,
+}
+
+struct StateInner {
+    store: Store,
+    config: ServiceConfig,
+    /// Set when this process runs delivery workers.
+    dispatcher: Option<Dispatcher>,
+    /// Hashes of API keys already looked up, with their business.
+    api_keys: Mutex<HashMap<String, Uuid>>,
+    /// Hash of the producer token given on the command line.
+    configured_producer_token: Option<String>,
+}
+
+impl AppState {
+    pub fn new(store: Store, config: ServiceConfig, dispatcher: Option<Dispatcher>) -> AppState {
+        let configured_producer_token = config
+            .producer_token
+            .as_deref()
+            .filter(|token| !token.is_empty())
+            .map(crate::domain::credentials::hash_credential);
+        AppState {
+            inner: Arc::new(StateInner {
+                store,
+                config,
+                dispatcher,
+                api_keys: Mutex::new(HashMap::new()),
+                configured_producer_token,
+            }),
+        }
+    }
+
+    fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    fn config(&self) -> &ServiceConfig {
+        &self.inner.config
+    }
+
+    fn dispatcher(&self) -> Option<&Dispatcher> {
+        self.inner.dispatcher.as_ref()
+    }
+}
+
+/// Builds the router of the whole API.
+pub fn router(state: AppState) -> Router {
+    let management = Router::new()
+        .route(
+            "/v1/webhooks",
+            get(webhooks::list_webhooks).post(webhooks::create_webhook),
+        )
+        .route(
+            "/v1/webhooks/{id}",
+            get(webhooks::get_webhook)
+                .put(webhooks::update_webhook)
+                .delete(webhooks::delete_webhook),
+        )
+        .layer(DefaultBodyLimit::max(MAX_MANAGEMENT_BODY));
+    let producer = Router::new()
+        .route("/v1/events", post(events::accept_event))
+        .layer(DefaultBodyLimit::max(MAX_EVENT_BODY));
+    Router::new()
+        .merge(management)
+        .merge(producer)
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .fallback(|| async { ApiError::not_found("no such resource") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this resource",
+            )
+        })
+        .with_state(state)
+}
+
+/// Parses a request body that must be a JSON object.
+fn json_object(body: Result<Bytes, BytesRejection>) -> Result<Map<String, Value>, ApiError> {
+    let bytes = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "the request body is larger than this endpoint accepts",
+            )
+        } else {
+            ApiError::bad_request(format!("the request body could not be read: {rejection}"))
+        }
+    })?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|error| {
+        ApiError::bad_request(format!("the request body is not valid JSON: {error}"))
+    })?;
+    match value {
+        Value::Object(object) => Ok(object),
+        _ => Err(ApiError::validation(vec![FieldError::new(
+            "body",
+            "must be a JSON object",
+        )])),
+    }
+}
+
+/// Reports every key of `object` that is not in `known`.
+fn unknown_fields(object: &Map<String, Value>, known: &[&str], errors: &mut Vec<FieldError>) {
+    for key in object.keys() {
+        if !known.contains(&key.as_str()) {
+            errors.push(FieldError::new(key.clone(), "is not a known field"));
+        }
+    }
+}
+
+/// Parses a UUID path segment; anything else names no resource.
+fn path_id(text: &str, what: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(text).map_err(|_| ApiError::not_found(format!("{what} {text} not found")))
+}

@@ -1,0 +1,123 @@
+//! The command line: `serve` and the administration commands.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use uuid::Uuid;
+
+use crate::config::{self, DEFAULT_DATABASE_URL, DEFAULT_RETRY_SCHEDULE, Role, ServiceConfig};
+use crate::domain::destination::DestinationPolicy;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "citapro-webhooks",
+    version,
+    about = "Signed webhook delivery for CitaPro"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the API and the delivery workers.
+    Serve(ServeArgs),
+    /// Manage business API keys.
+    #[command(subcommand)]
+    ApiKey(ApiKeyCommand),
+    /// Manage producer tokens.
+    #[command(subcommand)]
+    ProducerToken(ProducerTokenCommand),
+    /// Apply database migrations and exit.
+    Migrate(DatabaseArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DatabaseArgs {
+    /// Database URL: sqlite://PATH or postgres://USER@HOST/DB.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    pub database_url: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCommand {
+    /// Create an API key for a business and print it once.
+    Create {
+        /// The business the key acts for.
+        #[arg(long)]
+        business: Uuid,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProducerTokenCommand {
+    /// Create a producer token and print it once.
+    Create {
+        /// A label that says which producer uses the token.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address and port to listen on.
+    #[arg(long, env = "CITAPRO_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// A producer token accepted beside the stored ones.
+    #[arg(long, env = "CITAPRO_PRODUCER_TOKEN", hide_env_values = true)]
+    pub producer_token: Option<String>,
+    /// Waits before each retry, comma-separated (units ms, s, m, h).
+    #[arg(long, env = "CITAPRO_RETRY_SCHEDULE", default_value = DEFAULT_RETRY_SCHEDULE,
+          value_parser = config::parse_schedule)]
+    pub retry_schedule: std::vec::Vec<Duration>,
+    /// Deadline of one delivery attempt, connect to last response byte.
+    #[arg(long, env = "CITAPRO_REQUEST_TIMEOUT", default_value = "10s",
+          value_parser = config::parse_duration)]
+    pub request_timeout: Duration,
+    /// Accept plain http webhook URLs (local development and tests only).
+    #[arg(long, env = "CITAPRO_ALLOW_HTTP")]
+    pub allow_http: bool,
+    /// Accept loopback and private destinations (local development and tests only).
+    #[arg(long, env = "CITAPRO_ALLOW_PRIVATE_TARGETS")]
+    pub allow_private_targets: bool,
+    /// Which parts to run in this process.
+    #[arg(long, env = "CITAPRO_ROLE", value_enum, default_value = "all")]
+    pub role: Role,
+    /// Requests in flight to one endpoint at most.
+    #[arg(long, env = "CITAPRO_ENDPOINT_CONCURRENCY", default_value_t = 10)]
+    pub endpoint_concurrency: usize,
+    /// Log format.
+    #[arg(long, env = "CITAPRO_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl ServeArgs {
+    pub fn service_config(&self) -> ServiceConfig {
+        let mut config = ServiceConfig::new(self.database.database_url.clone());
+        config.producer_token = self.producer_token.clone();
+        config.retry_schedule = self.retry_schedule.clone();
+        config.request_timeout = self.request_timeout;
+        config.destinations = DestinationPolicy {
+            allow_http: self.allow_http,
+            allow_private_targets: self.allow_private_targets,
+        };
+        config.role = self.role;
+        config.endpoint_concurrency = self.endpoint_concurrency;
+        config
+    }
+}

@@ -1,0 +1,274 @@
+//! One HTTP attempt of one delivery: sign, POST, read a bounded response.
+
+use std::error::Error as StdError;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER, USER_AGENT};
+use url::Url;
+
+use super::retry::parse_retry_after;
+use crate::domain::destination::{DestinationPolicy, check_address, check_host};
+use crate::domain::signature::{sign_body, sign_standard};
+use crate::store::{ErrorKind, Job};
+
+/// Response bytes read at most; the rest is never read.
+pub const MAX_RESPONSE_READ: usize = 64 * 1024;
+/// Response bytes kept in the attempt history.
+pub const MAX_RESPONSE_STORED: usize = 4 * 1024;
+
+/// What one attempt produced.
+#[derive(Debug, Clone)]
+pub struct AttemptOutcome {
+    pub started_at_micros: i64,
+    pub duration_ms: i64,
+    pub status_code: Option<u16>,
+    pub error_kind: Option<ErrorKind>,
+    pub response_body: Option<String>,
+    pub retry_after: Option<Duration>,
+}
+
+impl AttemptOutcome {
+    pub fn succeeded(&self) -> bool {
+        self.error_kind.is_none()
+            && self
+                .status_code
+                .is_some_and(|code| (200..300).contains(&code))
+    }
+}
+
+/// Resolves destination names and rejects any name with a non-public address.
+///
+/// The client connects to the addresses returned here, so the address that was
+/// checked is the address that is reached; TLS still uses the hostname.
+#[derive(Clone)]
+pub struct CheckedResolver {
+    lookup: Arc<dyn Lookup>,
+}
+
+/// Looks up the addresses of a host name.
+pub trait Lookup: Send + Sync + 'static {
+    fn lookup(&self, host: String) -> Resolving;
+}
+
+/// The operating system's resolver.
+pub struct SystemLookup;
+
+impl Lookup for SystemLookup {
+    fn lookup(&self, host: String) -> Resolving {
+        Box::pin(async move {
+            let addresses: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            Ok(Box::new(addresses.into_iter()) as Addrs)
+        })
+    }
+}
+
+impl CheckedResolver {
+    pub fn new(lookup: Arc<dyn Lookup>) -> CheckedResolver {
+        CheckedResolver { lookup }
+    }
+}
+
+/// A destination that the address policy rejects.
+#[derive(Debug, thiserror::Error)]
+#[error("destination not allowed: {0}")]
+pub struct DestinationBlocked(String);
+
+impl Resolve for CheckedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let lookup = self.lookup.clone();
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let addresses: Vec<SocketAddr> = lookup.lookup(host.clone()).await?.collect();
+            if addresses.is_empty() {
+                return Err(format!("no address found for {host}").into());
+            }
+            for address in &addresses {
+                check_address(address.ip()).map_err(DestinationBlocked)?;
+            }
+            Ok(Box::new(addresses.into_iter()) as Addrs)
+        })
+    }
+}
+
+/// Sends delivery attempts over a shared pool of keep-alive connections.
+#[derive(Clone)]
+pub struct Sender {
+    client: reqwest::Client,
+    policy: DestinationPolicy,
+    timeout: Duration,
+}
+
+impl Sender {
+    /// Builds a sender. `lookup` replaces the system resolver (tests use it).
+    pub fn new(
+        policy: DestinationPolicy,
+        timeout: Duration,
+        lookup: Option<Arc<dyn Lookup>>,
+    ) -> anyhow::Result<Sender> {
+        let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .http1_only()
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(64)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .no_proxy();
+        if !policy.allow_private_targets {
+            let lookup = lookup.unwrap_or_else(|| Arc::new(SystemLookup));
+            builder = builder.dns_resolver(Arc::new(CheckedResolver::new(lookup)));
+        }
+        Ok(Sender {
+            client: builder.build()?,
+            policy,
+            timeout,
+        })
+    }
+
+    /// Makes one attempt of a job and returns its outcome. Never fails: every
+    /// error becomes an outcome with its error kind.
+    pub async fn attempt(&self, job: &Job) -> AttemptOutcome {
+        let started_at_micros = crate::domain::clock::now_micros();
+        let started = Instant::now();
+        let mut outcome = match self.destination_error(&job.url) {
+            Some(kind) => failure(kind),
+            None => match tokio::time::timeout(self.timeout, self.post(job)).await {
+                Ok(outcome) => outcome,
+                Err(_) => failure(ErrorKind::Timeout),
+            },
+        };
+        outcome.started_at_micros = started_at_micros;
+        outcome.duration_ms = started.elapsed().as_millis() as i64;
+        outcome
+    }
+
+    /// Checks a URL whose host is an IP literal, which skips name resolution.
+    fn destination_error(&self, url: &str) -> Option<ErrorKind> {
+        if self.policy.allow_private_targets {
+            return None;
+        }
+        let parsed = Url::parse(url).ok()?;
+        let host = parsed.host()?;
+        check_host(&host)
+            .err()
+            .map(|_| ErrorKind::DestinationNotAllowed)
+    }
+
+    async fn post(&self, job: &Job) -> AttemptOutcome {
+        let headers = delivery_headers(job);
+        let request = self
+            .client
+            .post(job.url.as_str())
+            .headers(headers)
+            .body(job.payload.clone());
+        let mut response = match request.send().await {
+            Ok(response) => response,
+            Err(error) => return failure(classify(&error)),
+        };
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| parse_retry_after(value, SystemTime::now()));
+
+        let mut kept = Vec::new();
+        let mut read = 0usize;
+        while read < MAX_RESPONSE_READ {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    read += chunk.len();
+                    let room = MAX_RESPONSE_STORED.saturating_sub(kept.len());
+                    kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                }
+                // The status line alone decides the outcome; a body that ends
+                // badly is only cut short.
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let success = (200..300).contains(&status);
+        AttemptOutcome {
+            started_at_micros: 0,
+            duration_ms: 0,
+            status_code: Some(status),
+            error_kind: (!success).then_some(ErrorKind::HttpStatus),
+            response_body: Some(String::from_utf8_lossy(&kept).into_owned()),
+            retry_after: if status == 429 { retry_after } else { None },
+        }
+    }
+}
+
+fn failure(kind: ErrorKind) -> AttemptOutcome {
+    AttemptOutcome {
+        started_at_micros: 0,
+        duration_ms: 0,
+        status_code: None,
+        error_kind: Some(kind),
+        response_body: None,
+        retry_after: None,
+    }
+}
+
+/// Builds the documented headers of one attempt, signed at send time.
+pub fn delivery_headers(job: &Job) -> HeaderMap {
+    let timestamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs() as i64)
+        .unwrap_or_default();
+    let delivery_id = job.delivery_id.to_string();
+    let signature = sign_body(&job.secret, &job.payload);
+    let standard = sign_standard(&job.secret, &delivery_id, timestamp, &job.payload);
+
+    let mut headers = HeaderMap::with_capacity(9);
+    let mut put = |name: &'static str, value: String| {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    };
+    put("x-citapro-event", job.event.clone());
+    put("x-citapro-signature", signature);
+    put("x-citapro-delivery-id", delivery_id.clone());
+    put("x-citapro-timestamp", timestamp.to_string());
+    put("webhook-id", delivery_id);
+    put("webhook-timestamp", timestamp.to_string());
+    put("webhook-signature", standard);
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        USER_AGENT,
+        HeaderValue::from_static(concat!("CitaPro-Webhooks/", env!("CARGO_PKG_VERSION"))),
+    );
+    headers
+}
+
+/// Maps a client error to the error kind recorded with the attempt.
+fn classify(error: &reqwest::Error) -> ErrorKind {
+    if error.is_timeout() {
+        return ErrorKind::Timeout;
+    }
+    let mut source: Option<&(dyn StdError + 'static)> = error.source();
+    while let Some(cause) = source {
+        if cause.is::<DestinationBlocked>() {
+            return ErrorKind::DestinationNotAllowed;
+        }
+        if cause.is::<rustls::Error>() {
+            return ErrorKind::Tls;
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+            {
+                return ErrorKind::Tls;
+            }
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return ErrorKind::Timeout;
+            }
+        }
+        source = cause.source();
+    }
+    ErrorKind::Connect
+}

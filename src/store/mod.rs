@@ -1,0 +1,202 @@
+//! Persistent state: webhooks, credentials, events, deliveries and attempts.
+//!
+//! [`Store`] is the one interface the rest of the service uses. SQLite (one
+//! process per database file) and PostgreSQL (any number of processes on one
+//! database) implement it with the same schema and the same rules:
+//!
+//! - An accepted event, its payload and its deliveries commit in one transaction.
+//! - A delivery is scheduled by `due_at`. Claiming a delivery sets `leased_by`
+//!   and pushes `due_at` to the end of the lease, so a crashed holder's work
+//!   becomes due again by itself and is never held only in memory.
+//! - Instants are microseconds since the Unix epoch; ids are UUID text.
+
+mod model;
+mod sqlite;
+
+pub use model::*;
+
+use uuid::Uuid;
+
+use sqlite::SqliteStore;
+
+/// Errors of store operations that callers branch on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no previous state is stored for aggregate {0}")]
+    NoPreviousState(Uuid),
+    #[error("the business already has the maximum of {0} webhooks")]
+    WebhookLimit(usize),
+    #[error(transparent)]
+    Backend(#[from] anyhow::Error),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> StoreError {
+        StoreError::Backend(error.into())
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The database behind the service, chosen by the URL scheme.
+#[derive(Clone)]
+pub enum Store {
+    Sqlite(SqliteStore),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $store:ident => $call:expr) => {
+        match $self {
+            Store::Sqlite($store) => $call,
+        }
+    };
+}
+
+impl Store {
+    /// Opens the database named by `url` and applies pending migrations.
+    ///
+    /// `sqlite://PATH` (relative to the working directory, or absolute as
+    /// `sqlite:///abs/path`) opens or creates a file.
+    pub async fn open(url: &str) -> anyhow::Result<Store> {
+        if let Some(path) = sqlite_path(url) {
+            return Ok(Store::Sqlite(SqliteStore::open(&path).await?));
+        }
+        anyhow::bail!(
+            "unsupported database URL {:?}: expected sqlite://PATH",
+            redact_url(url)
+        )
+    }
+
+    /// Returns the file of a SQLite store.
+    pub fn sqlite_path(&self) -> Option<&str> {
+        match self {
+            Store::Sqlite(store) => Some(store.path()),
+        }
+    }
+
+    /// Takes over every lease, for a store that only this process uses.
+    pub async fn release_all_leases(&self, now: i64) -> StoreResult<u64> {
+        dispatch!(self, s => s.release_all_leases(now).await)
+    }
+
+    pub async fn insert_api_key(&self, business_id: Uuid, key_hash: String) -> StoreResult<()> {
+        dispatch!(self, s => s.insert_api_key(business_id, key_hash).await)
+    }
+
+    pub async fn find_api_key(&self, key_hash: String) -> StoreResult<Option<Uuid>> {
+        dispatch!(self, s => s.find_api_key(key_hash).await)
+    }
+
+    pub async fn insert_producer_token(&self, name: String, token_hash: String) -> StoreResult<()> {
+        dispatch!(self, s => s.insert_producer_token(name, token_hash).await)
+    }
+
+    pub async fn producer_token_exists(&self, token_hash: String) -> StoreResult<bool> {
+        dispatch!(self, s => s.producer_token_exists(token_hash).await)
+    }
+
+    /// Stores a new webhook unless its business already has `limit` of them.
+    pub async fn create_webhook(&self, webhook: Webhook, limit: usize) -> StoreResult<()> {
+        dispatch!(self, s => s.create_webhook(webhook, limit).await)
+    }
+
+    /// Lists a business's webhooks, newest first.
+    pub async fn list_webhooks(&self, business_id: Uuid) -> StoreResult<Vec<Webhook>> {
+        dispatch!(self, s => s.list_webhooks(business_id).await)
+    }
+
+    pub async fn get_webhook(&self, business_id: Uuid, id: Uuid) -> StoreResult<Option<Webhook>> {
+        dispatch!(self, s => s.get_webhook(business_id, id).await)
+    }
+
+    /// Replaces a webhook's settings. Deactivating it cancels its pending deliveries.
+    pub async fn update_webhook(&self, change: WebhookChange) -> StoreResult<Option<Webhook>> {
+        dispatch!(self, s => s.update_webhook(change).await)
+    }
+
+    /// Deletes a webhook with its deliveries and attempts. Returns whether it existed.
+    pub async fn delete_webhook(&self, business_id: Uuid, id: Uuid) -> StoreResult<bool> {
+        dispatch!(self, s => s.delete_webhook(business_id, id).await)
+    }
+
+    /// Stores an event and one delivery per subscribed active webhook, atomically.
+    pub async fn accept_event(&self, event: NewEvent) -> StoreResult<AcceptedEvent> {
+        dispatch!(self, s => s.accept_event(event).await)
+    }
+
+    /// Leases up to `limit` due deliveries to `owner` until `lease_until`,
+    /// skipping the webhooks in `skip_webhooks`.
+    pub async fn claim_due(&self, claim: Claim) -> StoreResult<Vec<Job>> {
+        dispatch!(self, s => s.claim_due(claim).await)
+    }
+
+    /// Returns the earliest `due_at` of any delivery.
+    pub async fn next_due_at(&self) -> StoreResult<Option<i64>> {
+        dispatch!(self, s => s.next_due_at().await)
+    }
+
+    /// Extends a lease that `owner` still holds. Returns false if it was taken over.
+    pub async fn renew_lease(
+        &self,
+        delivery_id: Uuid,
+        owner: String,
+        until: i64,
+    ) -> StoreResult<bool> {
+        dispatch!(self, s => s.renew_lease(delivery_id, owner, until).await)
+    }
+
+    /// Gives leased deliveries back, due at once, so any worker may take them.
+    pub async fn release_leases(&self, delivery_ids: Vec<Uuid>, owner: String) -> StoreResult<()> {
+        dispatch!(self, s => s.release_leases(delivery_ids, owner).await)
+    }
+
+    /// Records one attempt and moves its delivery to its next state.
+    pub async fn record_attempt(&self, attempt: AttemptRecord) -> StoreResult<()> {
+        dispatch!(self, s => s.record_attempt(attempt).await)
+    }
+}
+
+/// Extracts the file path from a `sqlite:` URL.
+fn sqlite_path(url: &str) -> Option<String> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or(rest);
+    Some(path.to_owned())
+}
+
+/// Hides the password of a database URL for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("REDACTED"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_name_relative_and_absolute_files() {
+        assert_eq!(
+            sqlite_path("sqlite://citapro-webhooks.db").unwrap(),
+            "citapro-webhooks.db"
+        );
+        assert_eq!(sqlite_path("sqlite:///tmp/x.db").unwrap(), "/tmp/x.db");
+        assert_eq!(
+            sqlite_path("sqlite:data/x.db?mode=rwc").unwrap(),
+            "data/x.db"
+        );
+        assert!(sqlite_path("postgres://localhost/test").is_none());
+    }
+
+    #[test]
+    fn redaction_hides_passwords() {
+        let redacted = redact_url("postgres://user:hunter2@db/test");
+        assert!(!redacted.contains("hunter2"));
+    }
+}

@@ -1,0 +1,280 @@
+//! Records that cross the store interface.
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::domain::catalogue::EventType;
+
+/// A registered endpoint of one business.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    pub id: Uuid,
+    pub business_id: Uuid,
+    pub url: String,
+    pub events: Vec<String>,
+    pub is_active: bool,
+    pub secret: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl Webhook {
+    /// Tells whether the webhook subscribes to an event.
+    pub fn subscribes_to(&self, event: &str) -> bool {
+        self.events.iter().any(|name| name == event)
+    }
+}
+
+/// New settings for an existing webhook.
+#[derive(Debug, Clone)]
+pub struct WebhookChange {
+    pub business_id: Uuid,
+    pub id: Uuid,
+    pub url: String,
+    pub events: Vec<String>,
+    pub is_active: bool,
+    pub updated_at: i64,
+}
+
+/// Joins event names for the `webhooks.events` column.
+pub(crate) fn join_events(events: &[String]) -> String {
+    events.join(",")
+}
+
+/// Splits the `webhooks.events` column.
+pub(crate) fn split_events(column: &str) -> Vec<String> {
+    column
+        .split(',')
+        .filter(|name| !name.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// An event reported by the producer, validated and ready to store.
+#[derive(Debug)]
+pub struct NewEvent {
+    pub id: Uuid,
+    pub business_id: Uuid,
+    pub event: &'static EventType,
+    pub aggregate_id: Uuid,
+    pub occurred_on: String,
+    pub data: Map<String, Value>,
+    /// The payload, when it could be built without the stored state. When it
+    /// is `None`, the store builds it from the aggregate's last stored state.
+    pub payload: Option<Vec<u8>>,
+    pub accepted_at: i64,
+    /// When set, the new deliveries start leased to this worker, which sends
+    /// them right away instead of waiting for a poll.
+    pub lease: Option<Lease>,
+}
+
+/// A lease on deliveries: who holds them and until when.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub owner: String,
+    pub until: i64,
+}
+
+/// What accepting an event stored.
+#[derive(Debug)]
+pub struct AcceptedEvent {
+    pub event_id: Uuid,
+    /// The new deliveries. When the event came with a lease they are ready to send.
+    pub jobs: Vec<Job>,
+}
+
+/// Why an attempt is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Automatic,
+    Manual,
+    Test,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Automatic => "automatic",
+            Trigger::Manual => "manual",
+            Trigger::Test => "test",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Trigger> {
+        match text {
+            "automatic" => Some(Trigger::Automatic),
+            "manual" => Some(Trigger::Manual),
+            "test" => Some(Trigger::Test),
+            _ => None,
+        }
+    }
+}
+
+/// A delivery ready to be attempted, with everything the attempt needs.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub delivery_id: Uuid,
+    pub webhook_id: Uuid,
+    pub event: String,
+    pub url: String,
+    pub secret: String,
+    pub payload: Bytes,
+    /// Attempts recorded before this one.
+    pub attempts_made: u32,
+    pub trigger: Trigger,
+    /// When the lease on this delivery ends (automatic attempts only).
+    pub lease_until: i64,
+}
+
+/// A request to lease due deliveries.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub owner: String,
+    pub now: i64,
+    pub lease_until: i64,
+    pub limit: usize,
+    pub skip_webhooks: Vec<Uuid>,
+}
+
+/// Why an attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    Timeout,
+    Connect,
+    Tls,
+    DestinationNotAllowed,
+    HttpStatus,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Connect => "connect",
+            ErrorKind::Tls => "tls",
+            ErrorKind::DestinationNotAllowed => "destination_not_allowed",
+            ErrorKind::HttpStatus => "http_status",
+        }
+    }
+}
+
+/// Delivery states.
+pub mod status {
+    pub const PENDING: &str = "pending";
+    pub const SUCCEEDED: &str = "succeeded";
+    pub const FAILED: &str = "failed";
+    pub const CANCELLED: &str = "cancelled";
+}
+
+/// The outcome of one attempt, to record.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub delivery_id: Uuid,
+    pub trigger: Trigger,
+    /// The worker that held the lease, for automatic attempts.
+    pub owner: Option<String>,
+    pub started_at: i64,
+    pub duration_ms: i64,
+    pub status_code: Option<u16>,
+    pub error_kind: Option<ErrorKind>,
+    /// The first 4 KiB of the response body, as text.
+    pub response_body: Option<String>,
+    pub succeeded: bool,
+    /// For a failed automatic attempt: when to retry, or `None` to give up.
+    pub retry_at: Option<i64>,
+}
+
+/// The state a delivery moves to after an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextState {
+    pub status: &'static str,
+    pub due_at: Option<i64>,
+}
+
+/// Decides a delivery's state after an attempt, from its state before.
+///
+/// A success always ends the delivery. A failed automatic attempt of a
+/// pending delivery schedules the retry or gives up; a cancelled delivery
+/// stays cancelled. A failed manual or test attempt changes nothing.
+pub fn next_state(
+    current_status: &str,
+    current_due: Option<i64>,
+    attempt: &AttemptRecord,
+) -> NextState {
+    if attempt.succeeded {
+        return NextState {
+            status: status::SUCCEEDED,
+            due_at: None,
+        };
+    }
+    match (attempt.trigger, current_status) {
+        (Trigger::Automatic, status::PENDING) => match attempt.retry_at {
+            Some(at) => NextState {
+                status: status::PENDING,
+                due_at: Some(at),
+            },
+            None => NextState {
+                status: status::FAILED,
+                due_at: None,
+            },
+        },
+        _ => NextState {
+            status: static_status(current_status),
+            due_at: current_due,
+        },
+    }
+}
+
+fn static_status(text: &str) -> &'static str {
+    match text {
+        status::PENDING => status::PENDING,
+        status::SUCCEEDED => status::SUCCEEDED,
+        status::FAILED => status::FAILED,
+        _ => status::CANCELLED,
+    }
+}
+
+/// The scheduling columns of a delivery.
+#[derive(Debug, Clone)]
+pub struct DeliveryState {
+    pub status: String,
+    pub due_at: Option<i64>,
+    pub attempt_count: i64,
+    pub leased_by: Option<String>,
+    pub next_attempt_at: Option<i64>,
+}
+
+/// Applies an attempt's outcome to a delivery's scheduling columns.
+///
+/// When another worker holds the lease (it took over an expired lease, or a
+/// manual attempt ran beside an automatic one), a failure leaves that
+/// worker's schedule alone.
+pub fn apply_attempt(current: &DeliveryState, attempt: &AttemptRecord) -> DeliveryState {
+    let held_by_other = current.leased_by.is_some() && current.leased_by != attempt.owner;
+    let next = if held_by_other && !attempt.succeeded {
+        NextState {
+            status: static_status(&current.status),
+            due_at: current.due_at,
+        }
+    } else {
+        next_state(&current.status, current.due_at, attempt)
+    };
+    let leased_by = if next.due_at.is_some() && held_by_other {
+        current.leased_by.clone()
+    } else {
+        None
+    };
+    let next_attempt_at = match (next.status, &leased_by) {
+        (status::PENDING, Some(_)) => current.next_attempt_at,
+        (status::PENDING, None) => next.due_at,
+        _ => None,
+    };
+    DeliveryState {
+        status: next.status.to_owned(),
+        due_at: next.due_at,
+        attempt_count: current.attempt_count + 1,
+        leased_by,
+        next_attempt_at,
+    }
+}

@@ -1,0 +1,680 @@
+//! The SQLite store: one writer thread with group commit, and a pool of readers.
+//!
+//! Every write is a closure run by the writer thread. The thread takes all
+//! writes that are waiting, runs each inside its own savepoint of a single
+//! transaction and commits once, so concurrent requests share one fsync. A
+//! caller hears back only after the commit. Readers use their own connections
+//! and, in WAL mode, see every committed write without blocking the writer.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use bytes::Bytes;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde_json::{Map, Value};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use super::model::*;
+use super::{StoreError, StoreResult};
+use crate::domain::clock::now_micros;
+use crate::domain::payload::build_payload;
+
+/// Writes taken into one transaction at most.
+const MAX_BATCH: usize = 512;
+/// Reader connections kept open.
+const READERS: usize = 4;
+
+const MIGRATIONS: &[&str] = &[include_str!("sql/sqlite_v1.sql")];
+
+type Completion = Box<dyn FnOnce(Result<(), String>) + Send>;
+type WriteOp = Box<dyn FnOnce(Option<&Connection>) -> (bool, Completion) + Send>;
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    writer: mpsc::Sender<WriteOp>,
+    readers: Mutex<Vec<Connection>>,
+    path: String,
+}
+
+fn open_connection(path: &str) -> rusqlite::Result<Connection> {
+    let connection = Connection::open(path)?;
+    connection.busy_timeout(std::time::Duration::from_secs(5))?;
+    // WAL lets readers run beside the writer; FULL makes every commit
+    // durable across power loss, not only across a process crash.
+    connection.pragma_update(None, "journal_mode", "WAL")?;
+    connection.pragma_update(None, "synchronous", "FULL")?;
+    connection.set_prepared_statement_cache_capacity(64);
+    Ok(connection)
+}
+
+fn migrate(connection: &mut Connection) -> anyhow::Result<()> {
+    let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let transaction = connection.transaction()?;
+        transaction
+            .execute_batch(sql)
+            .with_context(|| format!("applying SQLite migration {}", index + 1))?;
+        transaction.pragma_update(None, "user_version", (index + 1) as i64)?;
+        transaction.commit()?;
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    pub async fn open(path: &str) -> anyhow::Result<SqliteStore> {
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || Self::open_blocking(path)).await?
+    }
+
+    fn open_blocking(path: String) -> anyhow::Result<SqliteStore> {
+        if let Some(parent) = Path::new(&path)
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating the folder of {path}"))?;
+        }
+        let mut writer =
+            open_connection(&path).with_context(|| format!("opening SQLite database {path}"))?;
+        migrate(&mut writer)?;
+        let readers = (0..READERS)
+            .map(|_| open_connection(&path))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let (sender, receiver) = mpsc::channel::<WriteOp>();
+        std::thread::Builder::new()
+            .name("sqlite-writer".to_owned())
+            .spawn(move || run_writer(writer, receiver))?;
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                writer: sender,
+                readers: Mutex::new(readers),
+                path,
+            }),
+        })
+    }
+
+    /// Runs `f` inside the writer's next transaction and returns after commit.
+    async fn write<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let (sender, receiver) = oneshot::channel::<StoreResult<T>>();
+        let op: WriteOp = Box::new(move |connection| {
+            let result = match connection {
+                Some(connection) => f(connection),
+                None => Err(StoreError::Backend(anyhow::anyhow!(
+                    "the SQLite transaction could not start"
+                ))),
+            };
+            let ok = result.is_ok();
+            let complete: Completion = Box::new(move |commit| {
+                let outcome = match commit {
+                    Ok(()) => result,
+                    Err(message) => Err(StoreError::Backend(anyhow::anyhow!(
+                        "SQLite commit failed: {message}"
+                    ))),
+                };
+                let _ = sender.send(outcome);
+            });
+            (ok, complete)
+        });
+        self.inner
+            .writer
+            .send(op)
+            .map_err(|_| anyhow::anyhow!("the SQLite writer has stopped"))?;
+        receiver
+            .await
+            .map_err(|_| anyhow::anyhow!("the SQLite writer dropped a write"))?
+    }
+
+    /// Runs `f` on a reader connection.
+    async fn read<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = inner.readers.lock().expect("reader pool lock").pop();
+            let connection = match pooled {
+                Some(connection) => connection,
+                None => open_connection(&inner.path)?,
+            };
+            let result = f(&connection);
+            let mut readers = inner.readers.lock().expect("reader pool lock");
+            if readers.len() < READERS {
+                readers.push(connection);
+            }
+            result
+        })
+        .await
+        .map_err(|error| StoreError::Backend(error.into()))?
+    }
+
+    pub fn path(&self) -> &str {
+        &self.inner.path
+    }
+
+    pub async fn release_all_leases(&self, now: i64) -> StoreResult<u64> {
+        self.write(move |c| {
+            let count = c.execute(
+                "UPDATE deliveries SET leased_by = NULL, due_at = MIN(due_at, ?1)
+                 WHERE leased_by IS NOT NULL AND due_at IS NOT NULL",
+                params![now],
+            )?;
+            Ok(count as u64)
+        })
+        .await
+    }
+
+    pub async fn insert_api_key(&self, business_id: Uuid, key_hash: String) -> StoreResult<()> {
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO api_keys (key_hash, business_id, created_at) VALUES (?1, ?2, ?3)",
+                params![key_hash, business_id.to_string(), now_micros()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn find_api_key(&self, key_hash: String) -> StoreResult<Option<Uuid>> {
+        self.read(move |c| {
+            let business: Option<String> = c
+                .prepare_cached("SELECT business_id FROM api_keys WHERE key_hash = ?1")?
+                .query_row(params![key_hash], |row| row.get(0))
+                .optional()?;
+            Ok(business.and_then(|text| Uuid::parse_str(&text).ok()))
+        })
+        .await
+    }
+
+    pub async fn insert_producer_token(&self, name: String, token_hash: String) -> StoreResult<()> {
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO producer_tokens (token_hash, name, created_at) VALUES (?1, ?2, ?3)",
+                params![token_hash, name, now_micros()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn producer_token_exists(&self, token_hash: String) -> StoreResult<bool> {
+        self.read(move |c| {
+            let found = c
+                .prepare_cached("SELECT 1 FROM producer_tokens WHERE token_hash = ?1")?
+                .exists(params![token_hash])?;
+            Ok(found)
+        })
+        .await
+    }
+
+    pub async fn create_webhook(&self, webhook: Webhook, limit: usize) -> StoreResult<()> {
+        self.write(move |c| {
+            let count: i64 = c.query_row(
+                "SELECT COUNT(*) FROM webhooks WHERE business_id = ?1",
+                params![webhook.business_id.to_string()],
+                |row| row.get(0),
+            )?;
+            if count as usize >= limit {
+                return Err(StoreError::WebhookLimit(limit));
+            }
+            c.execute(
+                "INSERT INTO webhooks
+                   (id, business_id, url, events, is_active, secret, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    webhook.id.to_string(),
+                    webhook.business_id.to_string(),
+                    webhook.url,
+                    join_events(&webhook.events),
+                    webhook.is_active,
+                    webhook.secret,
+                    webhook.created_at,
+                    webhook.updated_at,
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn list_webhooks(&self, business_id: Uuid) -> StoreResult<Vec<Webhook>> {
+        self.read(move |c| {
+            let mut statement = c.prepare_cached(&format!(
+                "SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE business_id = ?1
+                 ORDER BY created_at DESC, id DESC"
+            ))?;
+            let rows = statement.query_map(params![business_id.to_string()], webhook_from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    pub async fn get_webhook(&self, business_id: Uuid, id: Uuid) -> StoreResult<Option<Webhook>> {
+        self.read(move |c| select_webhook(c, business_id, id)).await
+    }
+
+    pub async fn update_webhook(&self, change: WebhookChange) -> StoreResult<Option<Webhook>> {
+        self.write(move |c| {
+            let updated = c.execute(
+                "UPDATE webhooks SET url = ?1, events = ?2, is_active = ?3, updated_at = ?4
+                 WHERE id = ?5 AND business_id = ?6",
+                params![
+                    change.url,
+                    join_events(&change.events),
+                    change.is_active,
+                    change.updated_at,
+                    change.id.to_string(),
+                    change.business_id.to_string(),
+                ],
+            )?;
+            if updated == 0 {
+                return Ok(None);
+            }
+            if !change.is_active {
+                c.execute(
+                    "UPDATE deliveries SET status = 'cancelled', due_at = NULL,
+                        next_attempt_at = NULL, leased_by = NULL
+                     WHERE webhook_id = ?1 AND status = 'pending'",
+                    params![change.id.to_string()],
+                )?;
+            }
+            select_webhook(c, change.business_id, change.id)
+        })
+        .await
+    }
+
+    pub async fn delete_webhook(&self, business_id: Uuid, id: Uuid) -> StoreResult<bool> {
+        self.write(move |c| {
+            let id_text = id.to_string();
+            let deleted = c.execute(
+                "DELETE FROM webhooks WHERE id = ?1 AND business_id = ?2",
+                params![id_text, business_id.to_string()],
+            )?;
+            if deleted == 0 {
+                return Ok(false);
+            }
+            c.execute(
+                "DELETE FROM attempts WHERE delivery_id IN
+                   (SELECT id FROM deliveries WHERE webhook_id = ?1)",
+                params![id_text],
+            )?;
+            c.execute(
+                "DELETE FROM deliveries WHERE webhook_id = ?1",
+                params![id_text],
+            )?;
+            Ok(true)
+        })
+        .await
+    }
+
+    pub async fn accept_event(&self, event: NewEvent) -> StoreResult<AcceptedEvent> {
+        self.write(move |c| accept_event(c, event)).await
+    }
+
+    pub async fn claim_due(&self, claim: Claim) -> StoreResult<Vec<Job>> {
+        self.write(move |c| claim_due(c, &claim)).await
+    }
+
+    pub async fn next_due_at(&self) -> StoreResult<Option<i64>> {
+        self.read(|c| {
+            let next: Option<i64> = c
+                .prepare_cached("SELECT MIN(due_at) FROM deliveries WHERE due_at IS NOT NULL")?
+                .query_row([], |row| row.get(0))?;
+            Ok(next)
+        })
+        .await
+    }
+
+    pub async fn renew_lease(
+        &self,
+        delivery_id: Uuid,
+        owner: String,
+        until: i64,
+    ) -> StoreResult<bool> {
+        self.write(move |c| {
+            let renewed = c.execute(
+                "UPDATE deliveries SET due_at = ?1
+                 WHERE id = ?2 AND leased_by = ?3 AND status = 'pending'",
+                params![until, delivery_id.to_string(), owner],
+            )?;
+            Ok(renewed == 1)
+        })
+        .await
+    }
+
+    pub async fn release_leases(&self, delivery_ids: Vec<Uuid>, owner: String) -> StoreResult<()> {
+        self.write(move |c| {
+            let now = now_micros();
+            let mut statement = c.prepare_cached(
+                "UPDATE deliveries SET leased_by = NULL, due_at = ?1
+                 WHERE id = ?2 AND leased_by = ?3 AND due_at IS NOT NULL",
+            )?;
+            for id in delivery_ids {
+                statement.execute(params![now, id.to_string(), owner])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn record_attempt(&self, attempt: AttemptRecord) -> StoreResult<()> {
+        self.write(move |c| record_attempt(c, &attempt)).await
+    }
+}
+
+/// Runs the writer loop until every sender is gone.
+fn run_writer(connection: Connection, receiver: mpsc::Receiver<WriteOp>) {
+    while let Ok(first) = receiver.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match receiver.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        run_batch(&connection, batch);
+    }
+}
+
+fn run_batch(connection: &Connection, batch: Vec<WriteOp>) {
+    let began = connection
+        .execute_batch("BEGIN IMMEDIATE")
+        .map_err(|error| error.to_string());
+    let mut completions = Vec::with_capacity(batch.len());
+    for op in batch {
+        if began.is_err() {
+            completions.push(op(None).1);
+            continue;
+        }
+        if let Err(error) = connection.execute_batch("SAVEPOINT write_op") {
+            tracing::error!(%error, "SQLite savepoint failed");
+            completions.push(op(None).1);
+            continue;
+        }
+        let (ok, completion) = op(Some(connection));
+        let end = if ok {
+            "RELEASE write_op"
+        } else {
+            "ROLLBACK TO write_op; RELEASE write_op"
+        };
+        if let Err(error) = connection.execute_batch(end) {
+            tracing::error!(%error, "SQLite savepoint release failed");
+        }
+        completions.push(completion);
+    }
+    let committed = began.and_then(|()| {
+        connection.execute_batch("COMMIT").map_err(|error| {
+            let _ = connection.execute_batch("ROLLBACK");
+            error.to_string()
+        })
+    });
+    if let Err(error) = &committed {
+        tracing::error!(%error, "SQLite transaction failed");
+    }
+    for completion in completions {
+        completion(committed.clone());
+    }
+}
+
+const WEBHOOK_COLUMNS: &str =
+    "id, business_id, url, events, is_active, secret, created_at, updated_at";
+
+fn parse_uuid(text: String) -> rusqlite::Result<Uuid> {
+    Uuid::parse_str(&text).map_err(|error| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(error))
+    })
+}
+
+fn webhook_from_row(row: &Row<'_>) -> rusqlite::Result<Webhook> {
+    Ok(Webhook {
+        id: parse_uuid(row.get(0)?)?,
+        business_id: parse_uuid(row.get(1)?)?,
+        url: row.get(2)?,
+        events: split_events(&row.get::<_, String>(3)?),
+        is_active: row.get(4)?,
+        secret: row.get(5)?,
+        created_at: row.get(6)?,
+        updated_at: row.get(7)?,
+    })
+}
+
+fn select_webhook(c: &Connection, business_id: Uuid, id: Uuid) -> StoreResult<Option<Webhook>> {
+    let webhook = c
+        .prepare_cached(&format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?1 AND business_id = ?2"
+        ))?
+        .query_row(
+            params![id.to_string(), business_id.to_string()],
+            webhook_from_row,
+        )
+        .optional()?;
+    Ok(webhook)
+}
+
+fn accept_event(c: &Connection, event: NewEvent) -> StoreResult<AcceptedEvent> {
+    let business = event.business_id.to_string();
+    let aggregate = event.aggregate_id.to_string();
+    let entity = event.event.entity.name;
+
+    let payload = match event.payload {
+        Some(payload) => payload,
+        None => {
+            let stored: Option<String> = c
+                .prepare_cached(
+                    "SELECT state FROM aggregate_states
+                     WHERE business_id = ?1 AND entity = ?2 AND aggregate_id = ?3",
+                )?
+                .query_row(params![business, entity, aggregate], |row| row.get(0))
+                .optional()?;
+            let stored = stored.ok_or(StoreError::NoPreviousState(event.aggregate_id))?;
+            let previous: Map<String, Value> =
+                serde_json::from_str(&stored).context("decoding a stored aggregate state")?;
+            build_payload(
+                event.event,
+                event.aggregate_id,
+                &event.occurred_on,
+                &event.data,
+                Some(&previous),
+            )
+        }
+    };
+
+    let event_id = event.id.to_string();
+    c.prepare_cached(
+        "INSERT INTO events (id, business_id, event, aggregate_id, payload, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        event_id,
+        business,
+        event.event.name,
+        aggregate,
+        payload,
+        event.accepted_at
+    ])?;
+
+    if event.event.is_deletion() {
+        c.prepare_cached(
+            "DELETE FROM aggregate_states
+             WHERE business_id = ?1 AND entity = ?2 AND aggregate_id = ?3",
+        )?
+        .execute(params![business, entity, aggregate])?;
+    } else {
+        let state = serde_json::to_string(&event.data).context("encoding an aggregate state")?;
+        c.prepare_cached(
+            "INSERT INTO aggregate_states (business_id, entity, aggregate_id, state, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (business_id, entity, aggregate_id)
+             DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
+        )?
+        .execute(params![
+            business,
+            entity,
+            aggregate,
+            state,
+            event.accepted_at
+        ])?;
+    }
+
+    let payload = Bytes::from(payload);
+    let (due_at, leased_by) = match &event.lease {
+        Some(lease) => (lease.until, Some(lease.owner.as_str())),
+        None => (event.accepted_at, None),
+    };
+    let mut subscribers = c.prepare_cached(
+        "SELECT id, url, secret, events FROM webhooks WHERE business_id = ?1 AND is_active = 1",
+    )?;
+    let mut insert = c.prepare_cached(
+        "INSERT INTO deliveries (id, webhook_id, event_id, event, aggregate_id, status,
+            created_at, next_attempt_at, due_at, leased_by)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6, ?7, ?8)",
+    )?;
+    let mut rows = subscribers.query(params![business])?;
+    let mut jobs = Vec::new();
+    while let Some(row) = rows.next()? {
+        let events: String = row.get(3)?;
+        if !events.split(',').any(|name| name == event.event.name) {
+            continue;
+        }
+        let webhook_id: String = row.get(0)?;
+        let delivery_id = Uuid::now_v7();
+        insert.execute(params![
+            delivery_id.to_string(),
+            webhook_id,
+            event_id,
+            event.event.name,
+            aggregate,
+            event.accepted_at,
+            due_at,
+            leased_by,
+        ])?;
+        jobs.push(Job {
+            delivery_id,
+            webhook_id: parse_uuid(webhook_id)?,
+            event: event.event.name.to_owned(),
+            url: row.get(1)?,
+            secret: row.get(2)?,
+            payload: payload.clone(),
+            attempts_made: 0,
+            trigger: Trigger::Automatic,
+            lease_until: due_at,
+        });
+    }
+    Ok(AcceptedEvent {
+        event_id: event.id,
+        jobs,
+    })
+}
+
+fn claim_due(c: &Connection, claim: &Claim) -> StoreResult<Vec<Job>> {
+    let skip = serde_json::to_string(
+        &claim
+            .skip_webhooks
+            .iter()
+            .map(Uuid::to_string)
+            .collect::<Vec<_>>(),
+    )
+    .context("encoding skipped webhooks")?;
+    let mut select = c.prepare_cached(
+        "SELECT d.id, d.webhook_id, d.event, d.attempt_count, w.url, w.secret, e.payload
+         FROM deliveries d
+         JOIN webhooks w ON w.id = d.webhook_id
+         JOIN events e ON e.id = d.event_id
+         WHERE d.due_at IS NOT NULL AND d.due_at <= ?1
+           AND d.webhook_id NOT IN (SELECT value FROM json_each(?2))
+         ORDER BY d.due_at
+         LIMIT ?3",
+    )?;
+    let jobs = select
+        .query_map(params![claim.now, skip, claim.limit as i64], |row| {
+            Ok(Job {
+                delivery_id: parse_uuid(row.get(0)?)?,
+                webhook_id: parse_uuid(row.get(1)?)?,
+                event: row.get(2)?,
+                attempts_made: row.get(3)?,
+                url: row.get(4)?,
+                secret: row.get(5)?,
+                payload: Bytes::from(row.get::<_, Vec<u8>>(6)?),
+                trigger: Trigger::Automatic,
+                lease_until: claim.lease_until,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut lease =
+        c.prepare_cached("UPDATE deliveries SET due_at = ?1, leased_by = ?2 WHERE id = ?3")?;
+    for job in &jobs {
+        lease.execute(params![
+            claim.lease_until,
+            claim.owner,
+            job.delivery_id.to_string()
+        ])?;
+    }
+    Ok(jobs)
+}
+
+fn record_attempt(c: &Connection, attempt: &AttemptRecord) -> StoreResult<()> {
+    let id = attempt.delivery_id.to_string();
+    let current = c
+        .prepare_cached(
+            "SELECT status, due_at, attempt_count, leased_by, next_attempt_at
+             FROM deliveries WHERE id = ?1",
+        )?
+        .query_row(params![id], |row| {
+            Ok(DeliveryState {
+                status: row.get(0)?,
+                due_at: row.get(1)?,
+                attempt_count: row.get(2)?,
+                leased_by: row.get(3)?,
+                next_attempt_at: row.get(4)?,
+            })
+        })
+        .optional()?;
+    // The webhook and its history were deleted while the attempt ran.
+    let Some(current) = current else {
+        return Ok(());
+    };
+    let update = apply_attempt(&current, attempt);
+    c.prepare_cached(
+        "INSERT INTO attempts (delivery_id, number, trigger, started_at, duration_ms,
+            status_code, error_kind, response_body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        id,
+        update.attempt_count,
+        attempt.trigger.as_str(),
+        attempt.started_at,
+        attempt.duration_ms,
+        attempt.status_code,
+        attempt.error_kind.map(ErrorKind::as_str),
+        attempt.response_body,
+    ])?;
+    c.prepare_cached(
+        "UPDATE deliveries SET attempt_count = ?1, last_attempt_at = ?2, last_status_code = ?3,
+            status = ?4, due_at = ?5, next_attempt_at = ?6, leased_by = ?7
+         WHERE id = ?8",
+    )?
+    .execute(params![
+        update.attempt_count,
+        attempt.started_at,
+        attempt.status_code,
+        update.status,
+        update.due_at,
+        update.next_attempt_at,
+        update.leased_by,
+        id,
+    ])?;
+    Ok(())
+}
