@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -34,11 +35,17 @@ pub async fn run(
     let store = Store::open(&config.database_url).await?;
     let _lock = take_over_sqlite(&store, &config).await?;
 
+    let sender = Sender::new(config.destinations, config.request_timeout, options.lookup)?;
+    let context = DeliveryContext::new(store.clone(), sender, &config);
     let workers_shutdown = CancellationToken::new();
     let (dispatcher, mut workers) = if config.role.runs_workers() {
-        let sender = Sender::new(config.destinations, config.request_timeout, options.lookup)?;
-        let context = DeliveryContext::new(store.clone(), sender, &config);
-        let (dispatcher, tasks) = delivery::start(context, &config, workers_shutdown.clone());
+        let (dispatcher, mut tasks) =
+            delivery::start(context.clone(), &config, workers_shutdown.clone());
+        tasks.spawn(purge_history(
+            store.clone(),
+            config.history_retention,
+            workers_shutdown.clone(),
+        ));
         (Some(dispatcher), tasks)
     } else {
         (None, tokio::task::JoinSet::new())
@@ -47,7 +54,12 @@ pub async fn run(
     let address = listener.local_addr()?;
     tracing::info!(%address, role = ?config.role, "listening");
     if config.role.runs_api() {
-        let app = router(AppState::new(store.clone(), config.clone(), dispatcher));
+        let app = router(AppState::new(
+            store.clone(),
+            config.clone(),
+            dispatcher,
+            context,
+        ));
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())
             .await
@@ -87,4 +99,35 @@ async fn take_over_sqlite(store: &Store, config: &ServiceConfig) -> anyhow::Resu
         }
     }
     Ok(Some(file))
+}
+
+/// Rows removed by one purge transaction at most, so deliveries never wait long.
+const PURGE_BATCH: usize = 500;
+const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Deletes history older than the retention period, in small batches.
+async fn purge_history(store: Store, retention: Duration, shutdown: CancellationToken) {
+    loop {
+        let cutoff = now_micros() - retention.as_micros() as i64;
+        loop {
+            match store.purge_history(cutoff, PURGE_BATCH).await {
+                Ok(removed) if removed > 0 => {
+                    tracing::debug!(removed, "purged old delivery history");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(_) => break,
+                Err(error) => {
+                    tracing::error!(%error, "purging old delivery history failed");
+                    break;
+                }
+            }
+            if shutdown.is_cancelled() {
+                return;
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(PURGE_INTERVAL) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
 }

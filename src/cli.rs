@@ -95,6 +95,10 @@ pub struct ServeArgs {
     /// Requests in flight to one endpoint at most.
     #[arg(long, env = "CITAPRO_ENDPOINT_CONCURRENCY", default_value_t = 10)]
     pub endpoint_concurrency: usize,
+    /// How long finished deliveries and their attempts are kept (units s, m, h, d).
+    #[arg(long, env = "CITAPRO_HISTORY_RETENTION", default_value = "30d",
+          value_parser = config::parse_duration)]
+    pub history_retention: Duration,
     /// Log format.
     #[arg(long, env = "CITAPRO_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -118,6 +122,7 @@ impl ServeArgs {
         };
         config.role = self.role;
         config.endpoint_concurrency = self.endpoint_concurrency;
+        config.history_retention = self.history_retention;
         config
     }
 }

@@ -41,6 +41,8 @@ pub struct ServiceConfig {
     pub endpoint_concurrency: usize,
     /// Requests in flight across all endpoints at most.
     pub max_in_flight: usize,
+    /// How long finished deliveries and their attempts are kept.
+    pub history_retention: Duration,
 }
 
 impl ServiceConfig {
@@ -56,6 +58,7 @@ impl ServiceConfig {
             role: Role::All,
             endpoint_concurrency: 10,
             max_in_flight: 1024,
+            history_retention: Duration::from_secs(30 * 86_400),
         }
     }
 }
@@ -63,25 +66,28 @@ impl ServiceConfig {
 pub const DEFAULT_RETRY_SCHEDULE: &str = "10s,60s,5m";
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://citapro-webhooks.db";
 
-/// Parses a duration such as `250ms`, `10s`, `5m` or `1h`; a bare number is seconds.
+const MAX_DURATION_SECONDS: f64 = 86_400.0 * 3650.0;
+
+/// Parses a duration such as `250ms`, `10s`, `5m`, `1h` or `30d`; a bare number is seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}: expected a number with ms, s, m or h"))?;
+    let value: f64 = number.parse().map_err(|_| {
+        format!("invalid duration {text:?}: expected a number with ms, s, m, h or d")
+    })?;
     let seconds = match unit {
         "ms" => value / 1000.0,
         "" | "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
+        "d" => value * 86_400.0,
         _ => return Err(format!("invalid duration {text:?}: unknown unit {unit:?}")),
     };
-    if !seconds.is_finite() || seconds > 86_400.0 * 7.0 {
-        return Err(format!("invalid duration {text:?}: at most 7 days"));
+    if !seconds.is_finite() || seconds > MAX_DURATION_SECONDS {
+        return Err(format!("invalid duration {text:?}: at most 3650 days"));
     }
     Ok(Duration::from_secs_f64(seconds))
 }

@@ -2,6 +2,7 @@
 
 mod auth;
 mod events;
+mod history;
 mod problem;
 mod webhooks;
 
@@ -20,7 +21,7 @@ use uuid::Uuid;
 pub use problem::{ApiError, FieldError};
 
 use crate::config::ServiceConfig;
-use crate::delivery::Dispatcher;
+use crate::delivery::{DeliveryContext, Dispatcher};
 use crate::store::Store;
 
 /// Request bodies accepted by the management API at most, in bytes.
@@ -41,6 +42,8 @@ struct StateInner {
     config: ServiceConfig,
     /// Set when this process runs delivery workers.
     dispatcher: Option<Dispatcher>,
+    /// Sends the attempts that operators ask for: redeliveries and test pings.
+    delivery: DeliveryContext,
     /// Hashes of API keys already looked up, with their business.
     api_keys: Mutex<HashMap<String, Uuid>>,
     /// Hash of the producer token given on the command line.
@@ -48,7 +51,12 @@ struct StateInner {
 }
 
 impl AppState {
-    pub fn new(store: Store, config: ServiceConfig, dispatcher: Option<Dispatcher>) -> AppState {
+    pub fn new(
+        store: Store,
+        config: ServiceConfig,
+        dispatcher: Option<Dispatcher>,
+        delivery: DeliveryContext,
+    ) -> AppState {
         let configured_producer_token = config
             .producer_token
             .as_deref()
@@ -59,6 +67,7 @@ impl AppState {
                 store,
                 config,
                 dispatcher,
+                delivery,
                 api_keys: Mutex::new(HashMap::new()),
                 configured_producer_token,
             }),
@@ -76,6 +85,10 @@ impl AppState {
     fn dispatcher(&self) -> Option<&Dispatcher> {
         self.inner.dispatcher.as_ref()
     }
+
+    fn delivery(&self) -> &DeliveryContext {
+        &self.inner.delivery
+    }
 }
 
 /// Builds the router of the whole API.
@@ -91,6 +104,20 @@ pub fn router(state: AppState) -> Router {
                 .put(webhooks::update_webhook)
                 .delete(webhooks::delete_webhook),
         )
+        .route(
+            "/v1/webhooks/{id}/deliveries",
+            get(history::list_deliveries),
+        )
+        .route(
+            "/v1/webhooks/{id}/deliveries/{delivery_id}",
+            get(history::get_delivery),
+        )
+        .route(
+            "/v1/webhooks/{id}/deliveries/{delivery_id}/redeliver",
+            post(history::redeliver),
+        )
+        .route("/v1/webhooks/{id}/test", post(history::send_test))
+        .route("/v1/webhooks/{id}/recover", post(history::recover))
         .layer(DefaultBodyLimit::max(MAX_MANAGEMENT_BODY));
     let producer = Router::new()
         .route("/v1/events", post(events::accept_event))

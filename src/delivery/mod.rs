@@ -396,7 +396,7 @@ pub fn attempt_record(
     } else {
         next_delay(
             &context.retry_schedule,
-            job.attempts_made + 1,
+            job.auto_attempts + 1,
             outcome.retry_after,
             random_fraction(),
         )
@@ -417,7 +417,7 @@ pub fn attempt_record(
 }
 
 fn log_outcome(job: &Job, outcome: &AttemptOutcome, record: &AttemptRecord) {
-    let attempt = job.attempts_made + 1;
+    let attempt = job.auto_attempts + 1;
     let error_kind = outcome.error_kind.map(|kind| kind.as_str());
     if record.succeeded {
         tracing::debug!(webhook.id = %job.webhook_id, delivery.id = %job.delivery_id, attempt, "delivered");

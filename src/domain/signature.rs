@@ -72,4 +72,43 @@ mod tests {
         assert!(signature.starts_with("v1,"));
         assert_eq!(signature.len(), 3 + 44);
     }
+
+    /// Cases computed with Python's hmac module, independent of this code.
+    const TEST_VECTORS: &str = include_str!("../../docs/signature-test-vectors.json");
+
+    #[test]
+    fn signatures_match_published_test_vectors() {
+        let cases: Vec<serde_json::Value> =
+            serde_json::from_str(TEST_VECTORS).expect("test vectors are a JSON array");
+        assert!(!cases.is_empty(), "the test vector file has no cases");
+        for case in &cases {
+            let field = |key: &str| {
+                case[key]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("test vector field {key:?} is not a string: {case}"))
+            };
+            let name = field("name");
+            let secret = field("secret");
+            let body = field("body").as_bytes();
+            let delivery_id = field("deliveryId");
+            let timestamp = case["timestamp"]
+                .as_i64()
+                .unwrap_or_else(|| panic!("test vector {name:?} has no integer timestamp"));
+
+            assert_eq!(
+                sign_body(secret, body),
+                field("signature"),
+                "X-CitaPro-Signature of case {name:?}"
+            );
+            assert_eq!(
+                sign_standard(secret, delivery_id, timestamp, body),
+                field("standardSignature"),
+                "webhook-signature of case {name:?}"
+            );
+            assert!(
+                verify_body(secret, body, field("signature")),
+                "verify_body rejects case {name:?}"
+            );
+        }
+    }
 }

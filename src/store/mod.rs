@@ -154,6 +154,50 @@ impl Store {
     pub async fn record_attempt(&self, attempt: AttemptRecord) -> StoreResult<()> {
         dispatch!(self, s => s.record_attempt(attempt).await)
     }
+
+    /// Lists a page of a webhook's deliveries, or `None` if the business has no such webhook.
+    pub async fn list_deliveries(
+        &self,
+        query: DeliveryQuery,
+    ) -> StoreResult<Option<Vec<Delivery>>> {
+        dispatch!(self, s => s.list_deliveries(query).await)
+    }
+
+    /// Reads one delivery with its payload and attempts.
+    pub async fn get_delivery(
+        &self,
+        business_id: Uuid,
+        webhook_id: Uuid,
+        delivery_id: Uuid,
+    ) -> StoreResult<Option<DeliveryDetail>> {
+        dispatch!(self, s => s.get_delivery(business_id, webhook_id, delivery_id).await)
+    }
+
+    /// Builds a manual attempt of an existing delivery.
+    pub async fn manual_job(
+        &self,
+        business_id: Uuid,
+        webhook_id: Uuid,
+        delivery_id: Uuid,
+    ) -> StoreResult<Option<Job>> {
+        dispatch!(self, s => s.manual_job(business_id, webhook_id, delivery_id).await)
+    }
+
+    /// Stores a `webhook.ping` event and delivery for a webhook, ready to send.
+    pub async fn create_test_delivery(&self, test: TestDelivery) -> StoreResult<Option<Job>> {
+        dispatch!(self, s => s.create_test_delivery(test).await)
+    }
+
+    /// Requeues (or with `dry_run` counts) failed and cancelled deliveries in a window.
+    pub async fn recover(&self, recovery: Recovery) -> StoreResult<RecoveryOutcome> {
+        dispatch!(self, s => s.recover(recovery).await)
+    }
+
+    /// Deletes up to `batch` finished deliveries created before `cutoff`, their
+    /// attempts, and events that no delivery refers to. Returns the rows removed.
+    pub async fn purge_history(&self, cutoff: i64, batch: usize) -> StoreResult<u64> {
+        dispatch!(self, s => s.purge_history(cutoff, batch).await)
+    }
 }
 
 /// Extracts the file path from a `sqlite:` URL.

@@ -120,8 +120,9 @@ pub struct Job {
     pub url: String,
     pub secret: String,
     pub payload: Bytes,
-    /// Attempts recorded before this one.
-    pub attempts_made: u32,
+    /// Automatic attempts made since the delivery was created or recovered,
+    /// which picks the entry of the retry schedule.
+    pub auto_attempts: u32,
     pub trigger: Trigger,
     /// When the lease on this delivery ends (automatic attempts only).
     pub lease_until: i64,
@@ -196,7 +197,8 @@ pub struct NextState {
 ///
 /// A success always ends the delivery. A failed automatic attempt of a
 /// pending delivery schedules the retry or gives up; a cancelled delivery
-/// stays cancelled. A failed manual or test attempt changes nothing.
+/// stays cancelled. A failed test ping ends its delivery as failed. A failed
+/// manual attempt changes nothing.
 pub fn next_state(
     current_status: &str,
     current_due: Option<i64>,
@@ -218,6 +220,10 @@ pub fn next_state(
                 status: status::FAILED,
                 due_at: None,
             },
+        },
+        (Trigger::Test, status::PENDING) => NextState {
+            status: status::FAILED,
+            due_at: None,
         },
         _ => NextState {
             status: static_status(current_status),
@@ -241,6 +247,7 @@ pub struct DeliveryState {
     pub status: String,
     pub due_at: Option<i64>,
     pub attempt_count: i64,
+    pub auto_attempts: i64,
     pub leased_by: Option<String>,
     pub next_attempt_at: Option<i64>,
 }
@@ -274,7 +281,85 @@ pub fn apply_attempt(current: &DeliveryState, attempt: &AttemptRecord) -> Delive
         status: next.status.to_owned(),
         due_at: next.due_at,
         attempt_count: current.attempt_count + 1,
+        auto_attempts: current.auto_attempts + i64::from(attempt.trigger == Trigger::Automatic),
         leased_by,
         next_attempt_at,
     }
+}
+
+/// A delivery as its history shows it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub id: Uuid,
+    pub webhook_id: Uuid,
+    pub event_id: Uuid,
+    pub event: String,
+    pub aggregate_id: String,
+    pub status: String,
+    pub attempt_count: i64,
+    pub created_at: i64,
+    pub last_attempt_at: Option<i64>,
+    pub next_attempt_at: Option<i64>,
+    pub last_status_code: Option<i64>,
+}
+
+/// One recorded attempt.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub number: i64,
+    pub trigger: String,
+    pub started_at: i64,
+    pub duration_ms: i64,
+    pub status_code: Option<i64>,
+    pub error_kind: Option<String>,
+    pub response_body: Option<String>,
+}
+
+/// A delivery with the exact body sent and every attempt, oldest first.
+#[derive(Debug, Clone)]
+pub struct DeliveryDetail {
+    pub delivery: Delivery,
+    pub payload: Vec<u8>,
+    pub attempts: Vec<Attempt>,
+}
+
+/// A page request of a webhook's deliveries, newest first.
+#[derive(Debug, Clone)]
+pub struct DeliveryQuery {
+    pub business_id: Uuid,
+    pub webhook_id: Uuid,
+    pub status: Option<String>,
+    pub event: Option<String>,
+    /// Rows to return; the store fetches one more to tell whether a next page exists.
+    pub limit: usize,
+    /// The `(created_at, id)` of the last row of the previous page.
+    pub after: Option<(i64, Uuid)>,
+}
+
+/// A request to requeue failed and cancelled deliveries created in a window.
+#[derive(Debug, Clone)]
+pub struct Recovery {
+    pub business_id: Uuid,
+    pub webhook_id: Uuid,
+    pub since: i64,
+    pub until: i64,
+    pub dry_run: bool,
+    pub now: i64,
+}
+
+/// What a recovery request found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecoveryOutcome {
+    WebhookNotFound,
+    WebhookInactive,
+    Requeued(u64),
+}
+
+/// A `webhook.ping` delivery to create and send at once.
+#[derive(Debug, Clone)]
+pub struct TestDelivery {
+    pub business_id: Uuid,
+    pub webhook_id: Uuid,
+    pub payload: Vec<u8>,
+    pub now: i64,
 }

@@ -20,7 +20,7 @@ use uuid::Uuid;
 use super::model::*;
 use super::{StoreError, StoreResult};
 use crate::domain::clock::now_micros;
-use crate::domain::payload::build_payload;
+use crate::domain::payload::{PING_EVENT, build_payload};
 
 /// Writes taken into one transaction at most.
 const MAX_BATCH: usize = 512;
@@ -372,6 +372,279 @@ impl SqliteStore {
     pub async fn record_attempt(&self, attempt: AttemptRecord) -> StoreResult<()> {
         self.write(move |c| record_attempt(c, &attempt)).await
     }
+
+    pub async fn list_deliveries(
+        &self,
+        query: DeliveryQuery,
+    ) -> StoreResult<Option<Vec<Delivery>>> {
+        self.read(move |c| {
+            if !webhook_exists(c, query.business_id, query.webhook_id)? {
+                return Ok(None);
+            }
+            let (after_time, after_id) = match query.after {
+                Some((time, id)) => (Some(time), Some(id.to_string())),
+                None => (None, None),
+            };
+            let mut statement = c.prepare_cached(&format!(
+                "SELECT {DELIVERY_COLUMNS} FROM deliveries d
+                 WHERE d.webhook_id = ?1
+                   AND (?2 IS NULL OR d.status = ?2)
+                   AND (?3 IS NULL OR d.event = ?3)
+                   AND (?4 IS NULL OR d.created_at < ?4 OR (d.created_at = ?4 AND d.id < ?5))
+                 ORDER BY d.created_at DESC, d.id DESC
+                 LIMIT ?6"
+            ))?;
+            let rows = statement.query_map(
+                params![
+                    query.webhook_id.to_string(),
+                    query.status,
+                    query.event,
+                    after_time,
+                    after_id,
+                    query.limit as i64,
+                ],
+                delivery_from_row,
+            )?;
+            Ok(Some(rows.collect::<Result<Vec<_>, _>>()?))
+        })
+        .await
+    }
+
+    pub async fn get_delivery(
+        &self,
+        business_id: Uuid,
+        webhook_id: Uuid,
+        delivery_id: Uuid,
+    ) -> StoreResult<Option<DeliveryDetail>> {
+        self.read(move |c| {
+            if !webhook_exists(c, business_id, webhook_id)? {
+                return Ok(None);
+            }
+            let found = c
+                .prepare_cached(&format!(
+                    "SELECT {DELIVERY_COLUMNS}, e.payload FROM deliveries d
+                     JOIN events e ON e.id = d.event_id
+                     WHERE d.id = ?1 AND d.webhook_id = ?2"
+                ))?
+                .query_row(
+                    params![delivery_id.to_string(), webhook_id.to_string()],
+                    |row| Ok((delivery_from_row(row)?, row.get::<_, Vec<u8>>(11)?)),
+                )
+                .optional()?;
+            let Some((delivery, payload)) = found else {
+                return Ok(None);
+            };
+            let attempts = c
+                .prepare_cached(
+                    "SELECT number, trigger, started_at, duration_ms, status_code, error_kind,
+                        response_body
+                     FROM attempts WHERE delivery_id = ?1 ORDER BY number",
+                )?
+                .query_map(params![delivery_id.to_string()], |row| {
+                    Ok(Attempt {
+                        number: row.get(0)?,
+                        trigger: row.get(1)?,
+                        started_at: row.get(2)?,
+                        duration_ms: row.get(3)?,
+                        status_code: row.get(4)?,
+                        error_kind: row.get(5)?,
+                        response_body: row.get(6)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Some(DeliveryDetail {
+                delivery,
+                payload,
+                attempts,
+            }))
+        })
+        .await
+    }
+
+    pub async fn manual_job(
+        &self,
+        business_id: Uuid,
+        webhook_id: Uuid,
+        delivery_id: Uuid,
+    ) -> StoreResult<Option<Job>> {
+        self.read(move |c| {
+            let job = c
+                .prepare_cached(
+                    "SELECT d.event, d.auto_attempts, w.url, w.secret, e.payload
+                     FROM deliveries d
+                     JOIN webhooks w ON w.id = d.webhook_id
+                     JOIN events e ON e.id = d.event_id
+                     WHERE d.id = ?1 AND d.webhook_id = ?2 AND w.business_id = ?3",
+                )?
+                .query_row(
+                    params![
+                        delivery_id.to_string(),
+                        webhook_id.to_string(),
+                        business_id.to_string()
+                    ],
+                    |row| {
+                        Ok(Job {
+                            delivery_id,
+                            webhook_id,
+                            event: row.get(0)?,
+                            auto_attempts: row.get(1)?,
+                            url: row.get(2)?,
+                            secret: row.get(3)?,
+                            payload: Bytes::from(row.get::<_, Vec<u8>>(4)?),
+                            trigger: Trigger::Manual,
+                            lease_until: 0,
+                        })
+                    },
+                )
+                .optional()?;
+            Ok(job)
+        })
+        .await
+    }
+
+    pub async fn create_test_delivery(&self, test: TestDelivery) -> StoreResult<Option<Job>> {
+        self.write(move |c| {
+            let Some(webhook) = select_webhook(c, test.business_id, test.webhook_id)? else {
+                return Ok(None);
+            };
+            let event_id = Uuid::now_v7();
+            let delivery_id = Uuid::now_v7();
+            c.execute(
+                "INSERT INTO events (id, business_id, event, aggregate_id, payload, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    event_id.to_string(),
+                    test.business_id.to_string(),
+                    PING_EVENT,
+                    test.webhook_id.to_string(),
+                    test.payload,
+                    test.now,
+                ],
+            )?;
+            c.execute(
+                "INSERT INTO deliveries (id, webhook_id, event_id, event, aggregate_id, status,
+                    created_at, is_test)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, 1)",
+                params![
+                    delivery_id.to_string(),
+                    test.webhook_id.to_string(),
+                    event_id.to_string(),
+                    PING_EVENT,
+                    test.webhook_id.to_string(),
+                    test.now,
+                ],
+            )?;
+            Ok(Some(Job {
+                delivery_id,
+                webhook_id: test.webhook_id,
+                event: PING_EVENT.to_owned(),
+                url: webhook.url,
+                secret: webhook.secret,
+                payload: Bytes::from(test.payload),
+                auto_attempts: 0,
+                trigger: Trigger::Test,
+                lease_until: 0,
+            }))
+        })
+        .await
+    }
+
+    pub async fn recover(&self, recovery: Recovery) -> StoreResult<RecoveryOutcome> {
+        self.write(move |c| {
+            let Some(webhook) = select_webhook(c, recovery.business_id, recovery.webhook_id)?
+            else {
+                return Ok(RecoveryOutcome::WebhookNotFound);
+            };
+            if !webhook.is_active {
+                return Ok(RecoveryOutcome::WebhookInactive);
+            }
+            let window = params![
+                recovery.webhook_id.to_string(),
+                recovery.since,
+                recovery.until,
+            ];
+            let count = if recovery.dry_run {
+                c.query_row(
+                    "SELECT COUNT(*) FROM deliveries
+                     WHERE webhook_id = ?1 AND created_at >= ?2 AND created_at < ?3
+                       AND status IN ('failed', 'cancelled') AND is_test = 0",
+                    window,
+                    |row| row.get::<_, i64>(0),
+                )? as u64
+            } else {
+                c.execute(
+                    "UPDATE deliveries SET status = 'pending', auto_attempts = 0, due_at = ?4,
+                        next_attempt_at = ?4, leased_by = NULL
+                     WHERE webhook_id = ?1 AND created_at >= ?2 AND created_at < ?3
+                       AND status IN ('failed', 'cancelled') AND is_test = 0",
+                    params![
+                        recovery.webhook_id.to_string(),
+                        recovery.since,
+                        recovery.until,
+                        recovery.now,
+                    ],
+                )? as u64
+            };
+            Ok(RecoveryOutcome::Requeued(count))
+        })
+        .await
+    }
+
+    pub async fn purge_history(&self, cutoff: i64, batch: usize) -> StoreResult<u64> {
+        self.write(move |c| {
+            let ids: Vec<String> = c
+                .prepare_cached(
+                    "SELECT id FROM deliveries
+                     WHERE created_at < ?1 AND status <> 'pending'
+                     ORDER BY created_at LIMIT ?2",
+                )?
+                .query_map(params![cutoff, batch as i64], |row| row.get(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut attempts = c.prepare_cached("DELETE FROM attempts WHERE delivery_id = ?1")?;
+            let mut deliveries = c.prepare_cached("DELETE FROM deliveries WHERE id = ?1")?;
+            for id in &ids {
+                attempts.execute(params![id])?;
+                deliveries.execute(params![id])?;
+            }
+            let events = c.execute(
+                "DELETE FROM events WHERE id IN (
+                    SELECT e.id FROM events e
+                    WHERE e.created_at < ?1
+                      AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id)
+                    LIMIT ?2)",
+                params![cutoff, batch as i64],
+            )?;
+            Ok((ids.len() + events) as u64)
+        })
+        .await
+    }
+}
+
+const DELIVERY_COLUMNS: &str = "d.id, d.webhook_id, d.event_id, d.event, d.aggregate_id, \
+     d.status, d.attempt_count, d.created_at, d.last_attempt_at, d.next_attempt_at, \
+     d.last_status_code";
+
+fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<Delivery> {
+    Ok(Delivery {
+        id: parse_uuid(row.get(0)?)?,
+        webhook_id: parse_uuid(row.get(1)?)?,
+        event_id: parse_uuid(row.get(2)?)?,
+        event: row.get(3)?,
+        aggregate_id: row.get(4)?,
+        status: row.get(5)?,
+        attempt_count: row.get(6)?,
+        created_at: row.get(7)?,
+        last_attempt_at: row.get(8)?,
+        next_attempt_at: row.get(9)?,
+        last_status_code: row.get(10)?,
+    })
+}
+
+fn webhook_exists(c: &Connection, business_id: Uuid, webhook_id: Uuid) -> StoreResult<bool> {
+    let found = c
+        .prepare_cached("SELECT 1 FROM webhooks WHERE id = ?1 AND business_id = ?2")?
+        .exists(params![webhook_id.to_string(), business_id.to_string()])?;
+    Ok(found)
 }
 
 /// Runs the writer loop until every sender is gone.
@@ -567,7 +840,7 @@ fn accept_event(c: &Connection, event: NewEvent) -> StoreResult<AcceptedEvent> {
             url: row.get(1)?,
             secret: row.get(2)?,
             payload: payload.clone(),
-            attempts_made: 0,
+            auto_attempts: 0,
             trigger: Trigger::Automatic,
             lease_until: due_at,
         });
@@ -588,7 +861,7 @@ fn claim_due(c: &Connection, claim: &Claim) -> StoreResult<Vec<Job>> {
     )
     .context("encoding skipped webhooks")?;
     let mut select = c.prepare_cached(
-        "SELECT d.id, d.webhook_id, d.event, d.attempt_count, w.url, w.secret, e.payload
+        "SELECT d.id, d.webhook_id, d.event, d.auto_attempts, w.url, w.secret, e.payload
          FROM deliveries d
          JOIN webhooks w ON w.id = d.webhook_id
          JOIN events e ON e.id = d.event_id
@@ -603,7 +876,7 @@ fn claim_due(c: &Connection, claim: &Claim) -> StoreResult<Vec<Job>> {
                 delivery_id: parse_uuid(row.get(0)?)?,
                 webhook_id: parse_uuid(row.get(1)?)?,
                 event: row.get(2)?,
-                attempts_made: row.get(3)?,
+                auto_attempts: row.get(3)?,
                 url: row.get(4)?,
                 secret: row.get(5)?,
                 payload: Bytes::from(row.get::<_, Vec<u8>>(6)?),
@@ -628,7 +901,7 @@ fn record_attempt(c: &Connection, attempt: &AttemptRecord) -> StoreResult<()> {
     let id = attempt.delivery_id.to_string();
     let current = c
         .prepare_cached(
-            "SELECT status, due_at, attempt_count, leased_by, next_attempt_at
+            "SELECT status, due_at, attempt_count, auto_attempts, leased_by, next_attempt_at
              FROM deliveries WHERE id = ?1",
         )?
         .query_row(params![id], |row| {
@@ -636,8 +909,9 @@ fn record_attempt(c: &Connection, attempt: &AttemptRecord) -> StoreResult<()> {
                 status: row.get(0)?,
                 due_at: row.get(1)?,
                 attempt_count: row.get(2)?,
-                leased_by: row.get(3)?,
-                next_attempt_at: row.get(4)?,
+                auto_attempts: row.get(3)?,
+                leased_by: row.get(4)?,
+                next_attempt_at: row.get(5)?,
             })
         })
         .optional()?;
@@ -663,7 +937,7 @@ fn record_attempt(c: &Connection, attempt: &AttemptRecord) -> StoreResult<()> {
     ])?;
     c.prepare_cached(
         "UPDATE deliveries SET attempt_count = ?1, last_attempt_at = ?2, last_status_code = ?3,
-            status = ?4, due_at = ?5, next_attempt_at = ?6, leased_by = ?7
+            status = ?4, due_at = ?5, next_attempt_at = ?6, leased_by = ?7, auto_attempts = ?9
          WHERE id = ?8",
     )?
     .execute(params![
@@ -675,6 +949,7 @@ fn record_attempt(c: &Connection, attempt: &AttemptRecord) -> StoreResult<()> {
         update.next_attempt_at,
         update.leased_by,
         id,
+        update.auto_attempts,
     ])?;
     Ok(())
 }

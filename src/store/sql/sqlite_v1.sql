@@ -49,6 +49,8 @@ CREATE TABLE deliveries (
     aggregate_id TEXT NOT NULL,
     status TEXT NOT NULL,
     attempt_count INTEGER NOT NULL DEFAULT 0,
+    auto_attempts INTEGER NOT NULL DEFAULT 0,
+    is_test INTEGER NOT NULL DEFAULT 0,
     created_at INTEGER NOT NULL,
     next_attempt_at INTEGER,
     due_at INTEGER,
@@ -59,6 +61,7 @@ CREATE TABLE deliveries (
 CREATE INDEX deliveries_due ON deliveries (due_at) WHERE due_at IS NOT NULL;
 CREATE INDEX deliveries_by_webhook ON deliveries (webhook_id, created_at, id);
 CREATE INDEX deliveries_by_event ON deliveries (event_id);
+CREATE INDEX deliveries_by_time ON deliveries (created_at);
 
 CREATE TABLE attempts (
     delivery_id TEXT NOT NULL,
