@@ -32,6 +32,43 @@ pub enum Command {
     ProducerToken(ProducerTokenCommand),
     /// Apply database migrations and exit.
     Migrate(DatabaseArgs),
+    /// Run a local receiver that verifies and prints each delivery.
+    Listen {
+        /// Port on 127.0.0.1 to listen on.
+        #[arg(long, default_value_t = 9000)]
+        port: u16,
+        /// The webhook's secret, to check signatures.
+        #[arg(long, env = "CITAPRO_WEBHOOK_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+        /// HTTP status to answer every delivery with.
+        #[arg(long, default_value_t = 204)]
+        status: u16,
+    },
+    /// Send a realistic sample event to a running server.
+    Trigger {
+        /// Event name, such as booking.updated.
+        event: String,
+        /// The business the event belongs to.
+        #[arg(long, default_value = "550e8400-e29b-41d4-a716-446655440005")]
+        business: Uuid,
+        /// Base URL of the server.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        server: String,
+        /// Producer token of the server.
+        #[arg(long, env = "CITAPRO_PRODUCER_TOKEN", hide_env_values = true)]
+        producer_token: String,
+    },
+    /// Check a delivery signature over a body; exits 0 when valid, 1 when not.
+    Verify {
+        /// The webhook's secret.
+        #[arg(long, env = "CITAPRO_WEBHOOK_SECRET", hide_env_values = true)]
+        secret: String,
+        /// The X-CitaPro-Signature value.
+        #[arg(long)]
+        signature: String,
+        /// File with the exact body; standard input when absent.
+        file: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]

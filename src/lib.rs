@@ -9,7 +9,8 @@
 //! - [`store`]: the database interface and its SQLite backend.
 //! - [`delivery`]: leasing due deliveries, the per-endpoint scheduler, HTTP attempts.
 //! - [`api`]: the HTTP API and its problem+json errors.
-//! - [`app`]: start-up and shutdown of `serve`; [`cli`] and [`admin`]: the command line.
+//! - [`app`]: start-up and shutdown of `serve`; [`cli`], [`admin`] and [`devtools`]:
+//!   the command line.
 
 pub mod admin;
 pub mod api;
@@ -17,5 +18,6 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod devtools;
 pub mod domain;
 pub mod store;

@@ -5,7 +5,7 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use citapro_webhooks::cli::{ApiKeyCommand, Cli, Command, LogFormat, ProducerTokenCommand};
-use citapro_webhooks::{admin, app};
+use citapro_webhooks::{admin, app, devtools};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -36,6 +36,30 @@ async fn main() -> anyhow::Result<()> {
             admin::create_producer_token(&database.database_url, name).await
         }
         Command::Migrate(database) => admin::migrate(&database.database_url).await,
+        Command::Listen {
+            port,
+            secret,
+            status,
+        } => devtools::listen(port, secret, status).await,
+        Command::Trigger {
+            event,
+            business,
+            server,
+            producer_token,
+        } => devtools::trigger(&event, business, &server, &producer_token).await,
+        Command::Verify {
+            secret,
+            signature,
+            file,
+        } => {
+            if devtools::verify(&secret, &signature, file)? {
+                println!("valid");
+                Ok(())
+            } else {
+                println!("invalid");
+                std::process::exit(1);
+            }
+        }
     }
 }
 

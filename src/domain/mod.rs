@@ -7,4 +7,5 @@ pub mod clock;
 pub mod credentials;
 pub mod destination;
 pub mod payload;
+pub mod samples;
 pub mod signature;
