@@ -35,7 +35,12 @@ pub async fn run(
     let store = Store::open(&config.database_url).await?;
     let _lock = take_over_sqlite(&store, &config).await?;
 
-    let sender = Sender::new(config.destinations, config.request_timeout, options.lookup)?;
+    let sender = Sender::new(
+        config.destinations,
+        config.request_timeout,
+        options.lookup,
+        config.extra_ca_file.as_deref(),
+    )?;
     let context = DeliveryContext::new(store.clone(), sender, &config);
     let workers_shutdown = CancellationToken::new();
     let (dispatcher, mut workers) = if config.role.runs_workers() {

@@ -136,6 +136,9 @@ pub struct ServeArgs {
     #[arg(long, env = "CITAPRO_HISTORY_RETENTION", default_value = "30d",
           value_parser = config::parse_duration)]
     pub history_retention: Duration,
+    /// PEM file of CA certificates trusted beside the system roots.
+    #[arg(long, env = "CITAPRO_EXTRA_CA_FILE")]
+    pub extra_ca_file: Option<std::path::PathBuf>,
     /// Log format.
     #[arg(long, env = "CITAPRO_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -160,6 +163,7 @@ impl ServeArgs {
         config.role = self.role;
         config.endpoint_concurrency = self.endpoint_concurrency;
         config.history_retention = self.history_retention;
+        config.extra_ca_file = self.extra_ca_file.clone();
         config
     }
 }

@@ -43,6 +43,8 @@ pub struct ServiceConfig {
     pub max_in_flight: usize,
     /// How long finished deliveries and their attempts are kept.
     pub history_retention: Duration,
+    /// PEM certificates trusted beside the system roots, for private endpoints.
+    pub extra_ca_file: Option<std::path::PathBuf>,
 }
 
 impl ServiceConfig {
@@ -59,6 +61,7 @@ impl ServiceConfig {
             endpoint_concurrency: 10,
             max_in_flight: 1024,
             history_retention: Duration::from_secs(30 * 86_400),
+            extra_ca_file: None,
         }
     }
 }

@@ -8,7 +8,8 @@ use uuid::Uuid;
 use super::{ApiError, AppState};
 use crate::domain::credentials::hash_credential;
 
-/// API keys whose businesses are remembered at most, before the memory is cleared.
+/// Keys or tokens remembered at most, before the memory is cleared. Keys
+/// cannot be revoked yet, so a remembered key stays valid.
 const API_KEY_CACHE_LIMIT: usize = 10_000;
 
 /// The business whose API key authenticated the request.
@@ -62,10 +63,18 @@ impl FromRequestParts<AppState> for Producer {
         if state.inner.configured_producer_token.as_deref() == Some(hash.as_str()) {
             return Ok(Producer);
         }
-        if state.store().producer_token_exists(hash).await? {
-            Ok(Producer)
-        } else {
-            Err(ApiError::unauthorized())
+        let known = state.inner.producer_tokens.lock().expect("token cache lock").contains(&hash);
+        if known {
+            return Ok(Producer);
         }
+        if !state.store().producer_token_exists(hash.clone()).await? {
+            return Err(ApiError::unauthorized());
+        }
+        let mut cache = state.inner.producer_tokens.lock().expect("token cache lock");
+        if cache.len() >= API_KEY_CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(hash);
+        Ok(Producer)
     }
 }

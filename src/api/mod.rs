@@ -6,10 +6,15 @@ mod history;
 mod problem;
 mod webhooks;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
+use std::time::Instant;
+
 use axum::Router;
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
 use axum::body::Bytes;
 use axum::extract::DefaultBodyLimit;
 use axum::extract::rejection::BytesRejection;
@@ -46,6 +51,8 @@ struct StateInner {
     delivery: DeliveryContext,
     /// Hashes of API keys already looked up, with their business.
     api_keys: Mutex<HashMap<String, Uuid>>,
+    /// Hashes of producer tokens already looked up.
+    producer_tokens: Mutex<HashSet<String>>,
     /// Hash of the producer token given on the command line.
     configured_producer_token: Option<String>,
 }
@@ -69,6 +76,7 @@ impl AppState {
                 dispatcher,
                 delivery,
                 api_keys: Mutex::new(HashMap::new()),
+                producer_tokens: Mutex::new(HashSet::new()),
                 configured_producer_token,
             }),
         }
@@ -136,7 +144,25 @@ pub fn router(state: AppState) -> Router {
                 "method not allowed on this resource",
             )
         })
+        .layer(axum::middleware::from_fn(log_request))
         .with_state(state)
+}
+
+/// Logs one line per request with its route pattern, never the raw path, so
+/// ids and query strings stay out of the logs.
+async fn log_request(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| path.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    tracing::info!(%method, route, status, duration_ms, "request");
+    response
 }
 
 /// Parses a request body that must be a JSON object.

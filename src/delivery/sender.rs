@@ -2,9 +2,11 @@
 
 use std::error::Error as StdError;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use anyhow::Context;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER, USER_AGENT};
 use url::Url;
@@ -104,10 +106,12 @@ pub struct Sender {
 
 impl Sender {
     /// Builds a sender. `lookup` replaces the system resolver (tests use it).
+    /// Certificates in `extra_ca_file` (PEM) are trusted beside the system roots.
     pub fn new(
         policy: DestinationPolicy,
         timeout: Duration,
         lookup: Option<Arc<dyn Lookup>>,
+        extra_ca_file: Option<&Path>,
     ) -> anyhow::Result<Sender> {
         let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -118,6 +122,18 @@ impl Sender {
             .pool_max_idle_per_host(64)
             .pool_idle_timeout(Duration::from_secs(60))
             .no_proxy();
+        if let Some(path) = extra_ca_file {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("reading the CA file {}", path.display()))?;
+            let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("parsing the CA file {}", path.display()))?;
+            if certificates.is_empty() {
+                anyhow::bail!("the CA file {} holds no PEM certificate", path.display());
+            }
+            for certificate in certificates {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
         if !policy.allow_private_targets {
             let lookup = lookup.unwrap_or_else(|| Arc::new(SystemLookup));
             builder = builder.dns_resolver(Arc::new(CheckedResolver::new(lookup)));
