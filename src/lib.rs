@@ -20,4 +20,5 @@ pub mod config;
 pub mod delivery;
 pub mod devtools;
 pub mod domain;
+pub mod metrics;
 pub mod store;

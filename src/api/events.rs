@@ -18,6 +18,7 @@ use crate::domain::catalogue::{EventType, find_event};
 use crate::domain::changes::check_tracked_types;
 use crate::domain::clock::{format_occurred_on, is_valid_occurred_on, now_micros};
 use crate::domain::payload::build_payload;
+use crate::metrics::{EventLabels, metrics};
 use crate::store::NewEvent;
 
 const FIELDS: &[&str] = &[
@@ -180,6 +181,12 @@ pub async fn accept_event(
         lease: dispatcher.map(|dispatcher| dispatcher.new_lease(accepted_at)),
     };
     let accepted = state.store().accept_event(new_event).await?;
+    metrics()
+        .events_accepted
+        .get_or_create(&EventLabels {
+            event: request.event.name,
+        })
+        .inc();
     let deliveries = accepted.jobs.len();
     if let Some(dispatcher) = dispatcher {
         dispatcher.submit(accepted.jobs);

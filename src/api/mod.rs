@@ -14,7 +14,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::body::Bytes;
 use axum::extract::DefaultBodyLimit;
 use axum::extract::rejection::BytesRejection;
@@ -137,6 +137,7 @@ pub fn router(state: AppState) -> Router {
             "/healthz",
             get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
         )
+        .route("/metrics", get(render_metrics))
         .fallback(|| async { ApiError::not_found("no such resource") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -146,6 +147,16 @@ pub fn router(state: AppState) -> Router {
         })
         .layer(axum::middleware::from_fn(log_request))
         .with_state(state)
+}
+
+/// Serves the Prometheus metrics of this process.
+async fn render_metrics() -> Response {
+    let mut response = crate::metrics::metrics().render().into_response();
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
 }
 
 /// Logs one line per request with its route pattern, never the raw path, so

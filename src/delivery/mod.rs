@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use crate::config::ServiceConfig;
 use crate::domain::clock::now_micros;
+use crate::metrics::{AttemptLabels, OutcomeLabels, metrics, status_class};
 use crate::store::{AttemptRecord, Claim, Job, Store, Trigger};
 use retry::{next_delay, random_fraction};
 use sender::{AttemptOutcome, Sender};
@@ -205,6 +206,7 @@ impl Scheduler {
                 delivery_id,
             } => {
                 self.in_flight -= 1;
+                metrics().requests_in_flight.dec();
                 self.held.remove(&delivery_id);
                 if let Some(queue) = self.endpoints.get_mut(&webhook_id) {
                     queue.in_flight -= 1;
@@ -298,6 +300,7 @@ impl Scheduler {
             };
             queue.in_flight += 1;
             self.in_flight += 1;
+            metrics().requests_in_flight.inc();
             self.waiting -= 1;
             self.mark_ready(webhook_id);
 
@@ -402,6 +405,7 @@ pub fn attempt_record(
         )
         .map(|delay| now_micros() + micros(delay))
     };
+    observe_attempt(job, outcome, succeeded, retry_at.is_none());
     AttemptRecord {
         delivery_id: job.delivery_id,
         trigger: job.trigger,
@@ -413,6 +417,28 @@ pub fn attempt_record(
         response_body: outcome.response_body.clone(),
         succeeded,
         retry_at,
+    }
+}
+
+fn observe_attempt(job: &Job, outcome: &AttemptOutcome, succeeded: bool, final_attempt: bool) {
+    let metrics = metrics();
+    metrics
+        .attempts
+        .get_or_create(&AttemptLabels {
+            status_class: status_class(outcome.status_code),
+            error_kind: outcome.error_kind.map_or("none", |kind| kind.as_str()),
+            trigger: job.trigger.as_str(),
+        })
+        .inc();
+    metrics
+        .attempt_duration
+        .observe(outcome.duration_ms as f64 / 1000.0);
+    if job.trigger == Trigger::Automatic && final_attempt {
+        let outcome = if succeeded { "succeeded" } else { "failed" };
+        metrics
+            .deliveries_finished
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 }
 
