@@ -306,9 +306,10 @@ impl Scheduler {
 
             let context = self.context.clone();
             let commands = self.dispatcher.commands.clone();
+            let wake = self.dispatcher.wake.clone();
             attempts.spawn(async move {
                 let (webhook_id, delivery_id) = (job.webhook_id, job.delivery_id);
-                run_job(&context, job).await;
+                run_job(&context, job, &wake).await;
                 let _ = commands.send(Command::Done {
                     webhook_id,
                     delivery_id,
@@ -360,8 +361,9 @@ impl Scheduler {
     }
 }
 
-/// Makes one automatic attempt of a job and records it.
-async fn run_job(context: &DeliveryContext, job: Job) {
+/// Makes one automatic attempt of a job and records it. After scheduling a
+/// retry it wakes the poller, whose sleep may end later than the retry is due.
+async fn run_job(context: &DeliveryContext, job: Job, wake: &Notify) {
     let now = now_micros();
     if now + micros(context.request_timeout + Duration::from_secs(5)) > job.lease_until {
         let until = context.lease_until(now);
@@ -381,9 +383,14 @@ async fn run_job(context: &DeliveryContext, job: Job) {
     let outcome = context.sender.attempt(&job).await;
     let record = attempt_record(context, &job, &outcome);
     log_outcome(&job, &outcome, &record);
-    if let Err(error) = context.store.record_attempt(record).await {
+    let retry_scheduled = record.retry_at.is_some();
+    match context.store.record_attempt(record).await {
+        Ok(()) if retry_scheduled => wake.notify_one(),
+        Ok(()) => {}
         // The lease runs out and the delivery is attempted again.
-        tracing::error!(%error, delivery.id = %job.delivery_id, "recording an attempt failed");
+        Err(error) => {
+            tracing::error!(%error, delivery.id = %job.delivery_id, "recording an attempt failed");
+        }
     }
 }
 
