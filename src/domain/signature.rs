@@ -73,7 +73,8 @@ mod tests {
         assert_eq!(signature.len(), 3 + 44);
     }
 
-    /// Cases computed with Python's hmac module, independent of this code.
+    /// Cases computed by examples/receivers/generate_test_vectors.py with
+    /// Python's hmac module, independent of this code.
     const TEST_VECTORS: &str = include_str!("../../docs/signature-test-vectors.json");
 
     #[test]

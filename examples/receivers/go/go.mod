@@ -1,0 +1,3 @@
+module citapro.example/receiver
+
+go 1.19
