@@ -116,10 +116,13 @@ fn decode_cursor(webhook_id: Uuid, cursor: &str) -> Result<(i64, Uuid), ApiError
     Ok((time, id))
 }
 
+/// Parses the query of a delivery listing into a store query that fetches
+/// one row more than the page, to tell whether a next page exists.
 fn parse_list_query(
+    business_id: Uuid,
     webhook_id: Uuid,
     params: &HashMap<String, String>,
-) -> Result<(Option<String>, Option<String>, usize, Option<(i64, Uuid)>), ApiError> {
+) -> Result<(DeliveryQuery, usize), ApiError> {
     let mut errors = Vec::new();
     let status_filter = params
         .get("status")
@@ -172,7 +175,15 @@ fn parse_list_query(
         Some(cursor) => Some(decode_cursor(webhook_id, cursor)?),
         None => None,
     };
-    Ok((status_filter, event_filter, limit, after))
+    let query = DeliveryQuery {
+        business_id,
+        webhook_id,
+        status: status_filter,
+        event: event_filter,
+        limit: limit + 1,
+        after,
+    };
+    Ok((query, limit))
 }
 
 pub async fn list_deliveries(
@@ -182,15 +193,7 @@ pub async fn list_deliveries(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let webhook_id = path_id(&id, "webhook")?;
-    let (status, event, limit, after) = parse_list_query(webhook_id, &params)?;
-    let query = DeliveryQuery {
-        business_id: business,
-        webhook_id,
-        status,
-        event,
-        limit: limit + 1,
-        after,
-    };
+    let (query, limit) = parse_list_query(business, webhook_id, &params)?;
     let mut rows = state
         .store()
         .list_deliveries(query)
