@@ -9,11 +9,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{AppState, router};
+use crate::config::Role;
 use crate::config::ServiceConfig;
+use crate::delivery::Dispatcher;
 use crate::delivery::sender::{Lookup, Sender};
 use crate::delivery::{self, DeliveryContext};
 use crate::domain::clock::now_micros;
-use crate::store::Store;
+use crate::store::{Store, StoreSignal};
 
 /// Options of a service run that only tests change.
 #[derive(Default, Clone)]
@@ -26,9 +28,34 @@ pub struct RunOptions {
 ///
 /// On shutdown the API stops taking requests and finishes the ones under
 /// way, then the workers finish their attempts and release their leases.
+/// With [`Role::Worker`] the listener is closed unused.
 pub async fn run(
     config: ServiceConfig,
     listener: TcpListener,
+    shutdown: CancellationToken,
+    options: RunOptions,
+) -> anyhow::Result<()> {
+    serve(config, Some(listener), shutdown, options).await
+}
+
+/// Runs delivery workers without an API until `shutdown` is cancelled, for
+/// `serve --role worker`, which binds no port.
+pub async fn run_worker(
+    config: ServiceConfig,
+    shutdown: CancellationToken,
+    options: RunOptions,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        config.role == Role::Worker,
+        "run_worker needs the worker role, not {:?}",
+        config.role
+    );
+    serve(config, None, shutdown, options).await
+}
+
+async fn serve(
+    config: ServiceConfig,
+    listener: Option<TcpListener>,
     shutdown: CancellationToken,
     options: RunOptions,
 ) -> anyhow::Result<()> {
@@ -51,27 +78,43 @@ pub async fn run(
             config.history_retention,
             workers_shutdown.clone(),
         ));
+        if let Some(signals) = store.subscribe() {
+            tasks.spawn(forward_store_signals(
+                signals,
+                dispatcher.clone(),
+                workers_shutdown.clone(),
+            ));
+        }
         (Some(dispatcher), tasks)
     } else {
         (None, tokio::task::JoinSet::new())
     };
 
-    let address = listener.local_addr()?;
-    tracing::info!(%address, role = ?config.role, "listening");
-    if config.role.runs_api() {
-        let app = router(AppState::new(
-            store.clone(),
-            config.clone(),
-            dispatcher,
-            context,
-        ));
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .await
-            .context("serving HTTP")?;
-    } else {
-        drop(listener);
-        shutdown.cancelled().await;
+    // `worker` names this process in the `leased_by` column of deliveries.
+    let worker = config.role.runs_workers().then(|| context.owner.clone());
+    match listener {
+        Some(listener) if config.role.runs_api() => {
+            let address = listener.local_addr()?;
+            tracing::info!(%address, role = ?config.role, worker = worker.as_deref(), "listening");
+            let app = router(AppState::new(
+                store.clone(),
+                config.clone(),
+                dispatcher,
+                context,
+            ));
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+                .await
+                .context("serving HTTP")?;
+        }
+        _ => {
+            tracing::info!(
+                role = ?config.role,
+                worker = worker.as_deref(),
+                "delivery workers started without an API"
+            );
+            shutdown.cancelled().await;
+        }
     }
 
     workers_shutdown.cancel();
@@ -86,6 +129,13 @@ async fn take_over_sqlite(store: &Store, config: &ServiceConfig) -> anyhow::Resu
     let Some(path) = store.sqlite_path() else {
         return Ok(None);
     };
+    // One process per file means an API-only process would accept events
+    // that no worker ever sends.
+    anyhow::ensure!(
+        config.role != Role::Api,
+        "serve --role api needs PostgreSQL, because only one serve process may use the \
+         SQLite file {path} and nothing would send its deliveries; use --role all"
+    );
     let lock_path = format!("{path}.lock");
     let file = File::create(&lock_path).with_context(|| format!("creating {lock_path}"))?;
     file.try_lock().map_err(|_| {
@@ -104,6 +154,29 @@ async fn take_over_sqlite(store: &Store, config: &ServiceConfig) -> anyhow::Resu
         }
     }
     Ok(Some(file))
+}
+
+/// Hands what other processes did to this process's delivery workers: due
+/// work wakes the poller, and a deactivated or deleted webhook's queued jobs
+/// are dropped.
+async fn forward_store_signals(
+    mut signals: tokio::sync::mpsc::Receiver<StoreSignal>,
+    dispatcher: Dispatcher,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let signal = tokio::select! {
+            signal = signals.recv() => signal,
+            () = shutdown.cancelled() => return,
+        };
+        match signal {
+            Some(StoreSignal::Due) => dispatcher.wake(),
+            Some(StoreSignal::WebhookChanged { webhook_id, active }) => {
+                dispatcher.webhook_changed(webhook_id, active);
+            }
+            None => return,
+        }
+    }
 }
 
 /// Rows removed by one purge transaction at most, so deliveries never wait long.

@@ -120,6 +120,13 @@ pub struct ServeArgs {
     #[arg(long, env = "CITAPRO_REQUEST_TIMEOUT", default_value = "10s",
           value_parser = config::parse_duration)]
     pub request_timeout: Duration,
+    /// How long a delivery lease outlasts the request timeout (tests only;
+    /// hidden). A shorter margin makes another process take over a crashed
+    /// holder's deliveries sooner, but a holder whose database round trips
+    /// take longer than the margin may then overlap with the new holder.
+    #[arg(long, env = "CITAPRO_LEASE_MARGIN", default_value = "30s", hide = true,
+          value_parser = config::parse_duration)]
+    pub lease_margin: Duration,
     /// Accept plain http webhook URLs (local development and tests only).
     #[arg(long, env = "CITAPRO_ALLOW_HTTP")]
     pub allow_http: bool,
@@ -156,6 +163,7 @@ impl ServeArgs {
         config.producer_token = self.producer_token.clone();
         config.retry_schedule = self.retry_schedule.clone();
         config.request_timeout = self.request_timeout;
+        config.lease_margin = self.lease_margin;
         config.destinations = DestinationPolicy {
             allow_http: self.allow_http,
             allow_private_targets: self.allow_private_targets,

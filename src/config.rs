@@ -35,6 +35,9 @@ pub struct ServiceConfig {
     pub retry_schedule: Vec<Duration>,
     /// Deadline of one delivery attempt, from connect to the end of the response.
     pub request_timeout: Duration,
+    /// How long a delivery lease outlasts the request deadline. Another
+    /// process takes over a crashed holder's delivery once the lease ends.
+    pub lease_margin: Duration,
     pub destinations: DestinationPolicy,
     pub role: Role,
     /// Requests in flight to one endpoint at most.
@@ -56,6 +59,7 @@ impl ServiceConfig {
             retry_schedule: parse_schedule(DEFAULT_RETRY_SCHEDULE)
                 .expect("default schedule parses"),
             request_timeout: Duration::from_secs(10),
+            lease_margin: crate::delivery::DEFAULT_LEASE_MARGIN,
             destinations: DestinationPolicy::default(),
             role: Role::All,
             endpoint_concurrency: 10,

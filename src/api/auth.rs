@@ -63,14 +63,23 @@ impl FromRequestParts<AppState> for Producer {
         if state.inner.configured_producer_token.as_deref() == Some(hash.as_str()) {
             return Ok(Producer);
         }
-        let known = state.inner.producer_tokens.lock().expect("token cache lock").contains(&hash);
+        let known = state
+            .inner
+            .producer_tokens
+            .lock()
+            .expect("token cache lock")
+            .contains(&hash);
         if known {
             return Ok(Producer);
         }
         if !state.store().producer_token_exists(hash.clone()).await? {
             return Err(ApiError::unauthorized());
         }
-        let mut cache = state.inner.producer_tokens.lock().expect("token cache lock");
+        let mut cache = state
+            .inner
+            .producer_tokens
+            .lock()
+            .expect("token cache lock");
         if cache.len() >= API_KEY_CACHE_LIMIT {
             cache.clear();
         }

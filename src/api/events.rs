@@ -9,10 +9,15 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::auth::Producer;
+use super::openapi::{
+    BadRequest, EventName, InternalServerError, PayloadTooLarge, Unauthorized, UnprocessableContent,
+};
 use super::{ApiError, AppState, FieldError, json_object, unknown_fields};
 use crate::domain::catalogue::{EventType, find_event};
 use crate::domain::changes::check_tracked_types;
@@ -29,6 +34,40 @@ const FIELDS: &[&str] = &[
     "data",
     "previous",
 ];
+
+/// The body of `POST /v1/events`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code, reason = "describes the body that `parse_request` reads")]
+pub(super) struct EventRequestBody {
+    #[schema(value_type = EventName)]
+    event: String,
+    /// The business whose webhooks receive the event.
+    business_account_id: Uuid,
+    /// The id of the entity that the event describes.
+    aggregate_id: Uuid,
+    /// When the event happened, in UTC. The time of acceptance when left out.
+    #[schema(pattern = "^[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}$")]
+    occurred_on: Option<String>,
+    /// The entity's new state, delivered as sent. Its tracked fields must
+    /// have their documented types.
+    #[schema(value_type = Object)]
+    data: Map<String, Value>,
+    /// The entity's state before an update, to compute `changes` from.
+    /// Without it, the state stored by the aggregate's last event is used.
+    /// Ignored on events other than updates.
+    #[schema(value_type = Option<Object>)]
+    previous: Option<Map<String, Value>>,
+}
+
+/// The response body of an accepted event.
+#[derive(Serialize, ToSchema)]
+pub(super) struct EventAccepted {
+    /// The id of the stored event.
+    id: Uuid,
+    /// Deliveries created, one per active webhook of the business subscribed to the event.
+    deliveries: usize,
+}
 
 /// A producer request that passed validation.
 struct EventRequest {
@@ -145,6 +184,25 @@ fn parse_request(object: &Map<String, Value>) -> Result<EventRequest, ApiError> 
     }
 }
 
+/// Reports a domain event
+///
+/// The `202` is sent only after the event and all its deliveries are
+/// committed. Invalid input stores nothing.
+#[utoipa::path(
+    post,
+    path = "/v1/events",
+    tag = "events",
+    security(("producerToken" = [])),
+    request_body = EventRequestBody,
+    responses(
+        (status = 202, description = "The event and its deliveries are stored", body = EventAccepted),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 413, response = PayloadTooLarge),
+        (status = 422, response = UnprocessableContent),
+        (status = 500, response = InternalServerError),
+    )
+)]
 pub async fn accept_event(
     State(state): State<AppState>,
     _producer: Producer,
@@ -191,6 +249,9 @@ pub async fn accept_event(
     if let Some(dispatcher) = dispatcher {
         dispatcher.submit(accepted.jobs);
     }
-    let body = serde_json::json!({ "id": accepted.event_id, "deliveries": deliveries });
+    let body = EventAccepted {
+        id: accepted.event_id,
+        deliveries,
+    };
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }

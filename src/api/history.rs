@@ -6,17 +6,25 @@ use std::collections::HashMap;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::openapi::path::{Parameter, ParameterIn};
+use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::auth::Business;
-use super::{ApiError, AppState, FieldError, json_object, path_id, unknown_fields};
+use super::openapi::{
+    AttemptErrorKind, AttemptTrigger, BadRequest, Conflict, DeliveryEventName, DeliveryStatus,
+    InternalServerError, NotFound, PayloadTooLarge, Unauthorized, UnprocessableContent,
+    optional_query, or_empty, schema_ref,
+};
+use super::{ApiError, AppState, FieldError, PathText, json_object, path_id, unknown_fields};
 use crate::delivery::attempt_record;
 use crate::delivery::sender::AttemptOutcome;
 use crate::domain::catalogue::find_event;
@@ -29,20 +37,55 @@ use crate::store::{
 const DEFAULT_PAGE: usize = 50;
 const MAX_PAGE: usize = 250;
 
-#[derive(Serialize)]
+/// One event for one webhook.
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct DeliveryView {
+#[schema(as = Delivery)]
+pub(super) struct DeliveryView {
+    /// The delivery id, sent as `X-CitaPro-Delivery-Id` on every attempt.
     id: Uuid,
     webhook_id: Uuid,
     event_id: Uuid,
+    #[schema(value_type = DeliveryEventName)]
     event: String,
+    #[schema(format = Uuid)]
     aggregate_id: String,
+    #[schema(value_type = DeliveryStatus)]
     status: String,
+    /// Attempts made so far, of every trigger.
     attempt_count: i64,
+    #[schema(format = DateTime)]
     created_at: String,
+    #[schema(format = DateTime, required = true)]
     last_attempt_at: Option<String>,
+    /// When the next automatic attempt of a pending delivery is due.
+    #[schema(format = DateTime, required = true)]
     next_attempt_at: Option<String>,
+    /// The HTTP status of the last attempt, or `null` when it got no response.
+    #[schema(required = true)]
     last_status_code: Option<i64>,
+}
+
+/// A page of deliveries, newest first.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct DeliveryPage {
+    data: Vec<DeliveryView>,
+    /// The `cursor` of the next page, or `null` on the last page.
+    #[schema(required = true)]
+    next_cursor: Option<String>,
+}
+
+/// One delivery with the body that was sent and every attempt.
+#[derive(Serialize, ToSchema)]
+#[schema(as = DeliveryDetail)]
+pub(super) struct DeliveryDetailView {
+    #[serde(flatten)]
+    delivery: DeliveryView,
+    /// The exact body sent, as a string.
+    payload: String,
+    /// Every attempt, oldest first.
+    attempts: Vec<AttemptView>,
 }
 
 impl From<Delivery> for DeliveryView {
@@ -63,16 +106,91 @@ impl From<Delivery> for DeliveryView {
     }
 }
 
-#[derive(Serialize)]
+/// One HTTP request of a delivery and its outcome.
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct AttemptView {
+#[schema(as = Attempt)]
+pub(super) struct AttemptView {
+    /// The attempt's position in its delivery, from 1.
     number: i64,
+    #[schema(value_type = AttemptTrigger)]
     trigger: String,
+    #[schema(format = DateTime)]
     started_at: String,
     duration_ms: i64,
+    /// The response status, or `null` when no response arrived.
+    #[schema(required = true)]
     status_code: Option<i64>,
+    /// `null` on success.
+    #[schema(value_type = Option<AttemptErrorKind>, required = true)]
     error_kind: Option<String>,
+    /// The first 4 KiB of the response body, decoded as UTF-8 with invalid
+    /// bytes replaced, or `null` when no response arrived.
+    #[schema(required = true)]
     response_body: Option<String>,
+}
+
+/// The query parameters of a delivery listing, as `parse_list_query` reads them.
+pub(super) struct DeliveryListParams;
+
+impl IntoParams for DeliveryListParams {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        let limit = ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .minimum(Some(1))
+            .maximum(Some(MAX_PAGE));
+        vec![
+            optional_query(
+                "status",
+                "Only deliveries in this state. An empty value is the same as none.",
+                or_empty(schema_ref::<DeliveryStatus>()),
+            ),
+            optional_query(
+                "event",
+                "Only deliveries of this event. An empty value is the same as none.",
+                or_empty(schema_ref::<DeliveryEventName>()),
+            ),
+            optional_query(
+                "limit",
+                "Deliveries on one page; 50 when left out or empty.",
+                or_empty(limit),
+            ),
+            optional_query(
+                "cursor",
+                "The `nextCursor` of the previous page; the first page when left out or empty.",
+                ObjectBuilder::new().schema_type(Type::String).into(),
+            ),
+        ]
+    }
+}
+
+/// The response body of a redelivery request.
+#[derive(Serialize, ToSchema)]
+pub(super) struct RedeliveryAccepted {
+    /// The delivery that gets one more attempt.
+    id: Uuid,
+}
+
+/// The body of `POST /v1/webhooks/{id}/recover`.
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[allow(dead_code, reason = "describes the body that `recover` reads")]
+pub(super) struct RecoverRequest {
+    /// Start of the window of creation times, inclusive (RFC 3339).
+    #[schema(format = DateTime)]
+    since: String,
+    /// End of the window, exclusive and later than `since`. No end when left out.
+    #[schema(format = DateTime)]
+    until: Option<String>,
+    /// Only count the deliveries, without requeuing them. `false` when left out.
+    dry_run: Option<bool>,
+}
+
+/// The outcome of a recovery.
+#[derive(Serialize, ToSchema)]
+pub(super) struct RecoveryResult {
+    /// Deliveries requeued, or that would be with `dryRun`.
+    deliveries: u64,
 }
 
 impl From<Attempt> for AttemptView {
@@ -186,10 +304,29 @@ fn parse_list_query(
     Ok((query, limit))
 }
 
+/// Lists a webhook's deliveries
+///
+/// Newest first, ordered by creation time and then by id, so pages never
+/// skip or repeat a delivery.
+#[utoipa::path(
+    get,
+    path = "/v1/webhooks/{id}/deliveries",
+    tag = "deliveries",
+    security(("businessApiKey" = [])),
+    params(("id" = Uuid, Path, description = "The webhook's id"), DeliveryListParams),
+    responses(
+        (status = 200, description = "One page of deliveries", body = DeliveryPage),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 422, response = UnprocessableContent),
+        (status = 500, response = InternalServerError),
+    )
+)]
 pub async fn list_deliveries(
     State(state): State<AppState>,
     Business(business): Business,
-    Path(id): Path<String>,
+    PathText(id): PathText<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let webhook_id = path_id(&id, "webhook")?;
@@ -206,13 +343,30 @@ pub async fn list_deliveries(
         None
     };
     let data: Vec<DeliveryView> = rows.into_iter().map(DeliveryView::from).collect();
-    Ok(Json(serde_json::json!({ "data": data, "nextCursor": next_cursor })).into_response())
+    Ok(Json(DeliveryPage { data, next_cursor }).into_response())
 }
 
+/// Reads one delivery with its body and attempts
+#[utoipa::path(
+    get,
+    path = "/v1/webhooks/{id}/deliveries/{delivery_id}",
+    tag = "deliveries",
+    security(("businessApiKey" = [])),
+    params(
+        ("id" = Uuid, Path, description = "The webhook's id"),
+        ("delivery_id" = Uuid, Path, description = "The delivery's id"),
+    ),
+    responses(
+        (status = 200, description = "The delivery", body = DeliveryDetailView),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 500, response = InternalServerError),
+    )
+)]
 pub async fn get_delivery(
     State(state): State<AppState>,
     Business(business): Business,
-    Path((id, delivery_id)): Path<(String, String)>,
+    PathText((id, delivery_id)): PathText<(String, String)>,
 ) -> Result<Response, ApiError> {
     let webhook_id = path_id(&id, "webhook")?;
     let delivery_id = path_id(&delivery_id, "delivery")?;
@@ -221,26 +375,38 @@ pub async fn get_delivery(
         .get_delivery(business, webhook_id, delivery_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("delivery {delivery_id} not found")))?;
-    let mut view = serde_json::to_value(DeliveryView::from(detail.delivery))
-        .map_err(|_| ApiError::internal())?;
-    let attempts: Vec<AttemptView> = detail.attempts.into_iter().map(AttemptView::from).collect();
-    if let Value::Object(object) = &mut view {
-        object.insert(
-            "payload".to_owned(),
-            Value::from(String::from_utf8_lossy(&detail.payload).into_owned()),
-        );
-        object.insert(
-            "attempts".to_owned(),
-            serde_json::to_value(attempts).map_err(|_| ApiError::internal())?,
-        );
-    }
+    let view = DeliveryDetailView {
+        delivery: DeliveryView::from(detail.delivery),
+        payload: String::from_utf8_lossy(&detail.payload).into_owned(),
+        attempts: detail.attempts.into_iter().map(AttemptView::from).collect(),
+    };
     Ok(Json(view).into_response())
 }
 
+/// Makes one more attempt of a delivery
+///
+/// The attempt runs after the `202`, whatever the delivery's state, with the
+/// same id and body and a new timestamp and signature.
+#[utoipa::path(
+    post,
+    path = "/v1/webhooks/{id}/deliveries/{delivery_id}/redeliver",
+    tag = "deliveries",
+    security(("businessApiKey" = [])),
+    params(
+        ("id" = Uuid, Path, description = "The webhook's id"),
+        ("delivery_id" = Uuid, Path, description = "The delivery's id"),
+    ),
+    responses(
+        (status = 202, description = "The attempt is under way", body = RedeliveryAccepted),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 500, response = InternalServerError),
+    )
+)]
 pub async fn redeliver(
     State(state): State<AppState>,
     Business(business): Business,
-    Path((id, delivery_id)): Path<(String, String)>,
+    PathText((id, delivery_id)): PathText<(String, String)>,
 ) -> Result<Response, ApiError> {
     let webhook_id = path_id(&id, "webhook")?;
     let delivery_id = path_id(&delivery_id, "delivery")?;
@@ -262,15 +428,32 @@ pub async fn redeliver(
     tracing::info!(webhook.id = %webhook_id, delivery.id = %delivery_id, "redelivery requested");
     Ok((
         StatusCode::ACCEPTED,
-        Json(serde_json::json!({ "id": delivery_id })),
+        Json(RedeliveryAccepted { id: delivery_id }),
     )
         .into_response())
 }
 
+/// Sends a signed `webhook.ping` to the webhook at once
+///
+/// Waits for the outcome, at most the request timeout, and returns the
+/// attempt. A failed attempt is still a `200`, with its `errorKind`.
+#[utoipa::path(
+    post,
+    path = "/v1/webhooks/{id}/test",
+    tag = "deliveries",
+    security(("businessApiKey" = [])),
+    params(("id" = Uuid, Path, description = "The webhook's id")),
+    responses(
+        (status = 200, description = "The attempt of the test ping", body = AttemptView),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 500, response = InternalServerError),
+    )
+)]
 pub async fn send_test(
     State(state): State<AppState>,
     Business(business): Business,
-    Path(id): Path<String>,
+    PathText(id): PathText<String>,
 ) -> Result<Response, ApiError> {
     let webhook_id = path_id(&id, "webhook")?;
     let now = now_micros();
@@ -301,10 +484,32 @@ pub async fn send_test(
     Ok(Json(view).into_response())
 }
 
+/// Requeues a webhook's failed and cancelled deliveries
+///
+/// Requeues those created in `[since, until)`, test pings excluded. Each
+/// starts a new retry cycle. The webhook must be active.
+#[utoipa::path(
+    post,
+    path = "/v1/webhooks/{id}/recover",
+    tag = "deliveries",
+    security(("businessApiKey" = [])),
+    params(("id" = Uuid, Path, description = "The webhook's id")),
+    request_body = RecoverRequest,
+    responses(
+        (status = 200, description = "How many deliveries were requeued", body = RecoveryResult),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 422, response = UnprocessableContent),
+        (status = 500, response = InternalServerError),
+    )
+)]
 pub async fn recover(
     State(state): State<AppState>,
     Business(business): Business,
-    Path(id): Path<String>,
+    PathText(id): PathText<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let webhook_id = path_id(&id, "webhook")?;
@@ -379,7 +584,7 @@ pub async fn recover(
                 dispatcher.wake();
             }
             tracing::info!(webhook.id = %webhook_id, count, dry_run, "deliveries recovered");
-            Ok(Json(serde_json::json!({ "deliveries": count })).into_response())
+            Ok(Json(RecoveryResult { deliveries: count }).into_response())
         }
     }
 }

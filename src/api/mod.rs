@@ -3,6 +3,7 @@
 mod auth;
 mod events;
 mod history;
+mod openapi;
 mod problem;
 mod webhooks;
 
@@ -12,17 +13,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{MatchedPath, Request};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use axum::body::Bytes;
 use axum::extract::DefaultBodyLimit;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{FromRequestParts, MatchedPath, Path, Request};
 use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+pub use openapi::{openapi_document, openapi_json};
 pub use problem::{ApiError, FieldError};
 
 use crate::config::ServiceConfig;
@@ -133,11 +137,9 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(management)
         .merge(producer)
-        .route(
-            "/healthz",
-            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
-        )
+        .route("/healthz", get(health))
         .route("/metrics", get(render_metrics))
+        .route("/openapi.json", get(openapi::serve_openapi))
         .fallback(|| async { ApiError::not_found("no such resource") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -149,7 +151,34 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Reports that the process serves requests
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "service",
+    responses((
+        status = 200,
+        description = "The process is up",
+        body = Object,
+        example = json!({"status": "ok"})
+    ))
+)]
+async fn health() -> axum::Json<Value> {
+    axum::Json(serde_json::json!({"status": "ok"}))
+}
+
 /// Serves the Prometheus metrics of this process.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "service",
+    responses((
+        status = 200,
+        description = "Metrics in the Prometheus text format 0.0.4",
+        body = String,
+        content_type = "text/plain"
+    ))
+)]
 async fn render_metrics() -> Response {
     let mut response = crate::metrics::metrics().render().into_response();
     response.headers_mut().insert(
@@ -212,4 +241,30 @@ fn unknown_fields(object: &Map<String, Value>, known: &[&str], errors: &mut Vec<
 /// Parses a UUID path segment; anything else names no resource.
 fn path_id(text: &str, what: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(text).map_err(|_| ApiError::not_found(format!("{what} {text} not found")))
+}
+
+/// The path parameters of a request, like [`Path`], but rejected with a
+/// problem+json error: a segment that is not UTF-8 after percent-decoding
+/// names no resource, so it is a `404` like any other malformed id.
+struct PathText<T>(T);
+
+impl<S, T> FromRequestParts<S> for PathText<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + Send,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(PathText(value)),
+            Err(PathRejection::FailedToDeserializePathParams(_)) => {
+                Err(ApiError::not_found("no such resource"))
+            }
+            Err(rejection) => {
+                tracing::error!(error = %rejection, "path parameters missing from a routed request");
+                Err(ApiError::internal())
+            }
+        }
+    }
 }

@@ -4,12 +4,15 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::store::StoreError;
 
 /// One invalid field of a request.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema)]
 pub struct FieldError {
+    /// The field's name, with dots for nested keys and indexes for array
+    /// items (`data.amount`, `events[2]`). `body` when the body is not an object.
     pub field: String,
     pub message: String,
 }
@@ -31,14 +34,23 @@ pub struct ApiError {
     pub errors: Vec<FieldError>,
 }
 
-#[derive(Serialize)]
-struct ProblemBody<'a> {
+/// An RFC 9457 problem details object, the body of every error response.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Problem)]
+pub(super) struct ProblemBody<'a> {
+    /// Always `about:blank`: the status code alone identifies the problem.
     #[serde(rename = "type")]
+    #[schema(examples("about:blank"))]
     problem_type: &'static str,
+    /// The standard reason phrase of the status code.
     title: &'a str,
+    /// The HTTP status code of the response.
     status: u16,
+    /// A description of what failed, for the developer who made the request.
     detail: &'a str,
+    /// Every invalid field, present on `422` validation errors only.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     errors: Option<&'a [FieldError]>,
 }
 

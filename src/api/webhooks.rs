@@ -2,17 +2,23 @@
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::auth::Business;
+use super::openapi::{
+    BadRequest, EventName, InternalServerError, NotFound, PayloadTooLarge, Unauthorized,
+    UnprocessableContent,
+};
 use super::{
-    ApiError, AppState, FieldError, MAX_WEBHOOKS_PER_BUSINESS, json_object, path_id, unknown_fields,
+    ApiError, AppState, FieldError, MAX_WEBHOOKS_PER_BUSINESS, PathText, json_object, path_id,
+    unknown_fields,
 };
 use crate::domain::catalogue::find_event;
 use crate::domain::clock::{format_rfc3339, now_micros};
@@ -21,17 +27,69 @@ use crate::domain::destination::{DestinationPolicy, parse_webhook_url};
 use crate::store::{Webhook, WebhookChange};
 
 /// A webhook as the API shows it. The secret appears only in the `201` of its creation.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct WebhookView {
+#[schema(as = Webhook)]
+pub(super) struct WebhookView {
     id: Uuid,
+    /// The endpoint URL, as it was sent.
     url: String,
+    /// The subscribed events, without duplicates.
+    #[schema(value_type = Vec<EventName>)]
     events: Vec<String>,
+    /// Whether new events are delivered to this endpoint.
     is_active: bool,
+    /// RFC 3339 in UTC with milliseconds.
+    #[schema(format = DateTime)]
     created_at: String,
+    /// RFC 3339 in UTC with milliseconds.
+    #[schema(format = DateTime)]
     updated_at: String,
+    /// The HMAC-SHA256 signing key, 64 lowercase hex characters used as
+    /// written. Only the `201` of the creation carries it.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[0-9a-f]{64}$", nullable = false)]
     secret: Option<String>,
+}
+
+/// The webhooks of a business, newest first.
+#[derive(Serialize, ToSchema)]
+pub(super) struct WebhookList {
+    data: Vec<WebhookView>,
+}
+
+/// The body of `POST /v1/webhooks`.
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[allow(dead_code, reason = "describes the body that `parse_settings` reads")]
+pub(super) struct CreateWebhookRequest {
+    /// An absolute `https` URL without user info, fragment or whitespace,
+    /// whose host is not `localhost` nor an address in a loopback, private,
+    /// link-local or other reserved range.
+    #[schema(max_length = 2048, pattern = r"^https://\S+$")]
+    url: String,
+    #[schema(min_items = 1, value_type = Vec<EventName>)]
+    events: Vec<String>,
+    /// Whether new events are delivered to this endpoint. `true` when left out.
+    #[serde(default)]
+    is_active: bool,
+}
+
+/// The body of `PUT /v1/webhooks/{id}`, which replaces every setting.
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[allow(dead_code, reason = "describes the body that `parse_settings` reads")]
+pub(super) struct UpdateWebhookRequest {
+    /// An absolute `https` URL without user info, fragment or whitespace,
+    /// whose host is not `localhost` nor an address in a loopback, private,
+    /// link-local or other reserved range.
+    #[schema(max_length = 2048, pattern = r"^https://\S+$")]
+    url: String,
+    #[schema(min_items = 1, value_type = Vec<EventName>)]
+    events: Vec<String>,
+    /// Whether new events are delivered to this endpoint. `false` cancels
+    /// the pending deliveries.
+    is_active: bool,
 }
 
 impl WebhookView {
@@ -152,6 +210,18 @@ fn parse_settings(
     }
 }
 
+/// Lists the business's webhooks
+#[utoipa::path(
+    get,
+    path = "/v1/webhooks",
+    tag = "webhooks",
+    security(("businessApiKey" = [])),
+    responses(
+        (status = 200, description = "The webhooks, newest first, without secrets", body = WebhookList),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = InternalServerError),
+    )
+)]
 pub async fn list_webhooks(
     State(state): State<AppState>,
     Business(business): Business,
@@ -161,9 +231,27 @@ pub async fn list_webhooks(
         .into_iter()
         .map(WebhookView::without_secret)
         .collect();
-    Ok(Json(serde_json::json!({ "data": data })).into_response())
+    Ok(Json(WebhookList { data }).into_response())
 }
 
+/// Registers a webhook
+///
+/// A business has at most 100 webhooks; registering one more is `422`.
+#[utoipa::path(
+    post,
+    path = "/v1/webhooks",
+    tag = "webhooks",
+    security(("businessApiKey" = [])),
+    request_body = CreateWebhookRequest,
+    responses(
+        (status = 201, description = "The new webhook, with its secret", body = WebhookView),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 413, response = PayloadTooLarge),
+        (status = 422, response = UnprocessableContent),
+        (status = 500, response = InternalServerError),
+    )
+)]
 pub async fn create_webhook(
     State(state): State<AppState>,
     Business(business): Business,
@@ -193,10 +281,24 @@ pub async fn create_webhook(
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
+/// Reads one webhook
+#[utoipa::path(
+    get,
+    path = "/v1/webhooks/{id}",
+    tag = "webhooks",
+    security(("businessApiKey" = [])),
+    params(("id" = Uuid, Path, description = "The webhook's id")),
+    responses(
+        (status = 200, description = "The webhook, without its secret", body = WebhookView),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 500, response = InternalServerError),
+    )
+)]
 pub async fn get_webhook(
     State(state): State<AppState>,
     Business(business): Business,
-    Path(id): Path<String>,
+    PathText(id): PathText<String>,
 ) -> Result<Response, ApiError> {
     let id = path_id(&id, "webhook")?;
     let webhook = state
@@ -207,10 +309,28 @@ pub async fn get_webhook(
     Ok(Json(WebhookView::without_secret(webhook)).into_response())
 }
 
+/// Replaces a webhook's URL, events and state
+#[utoipa::path(
+    put,
+    path = "/v1/webhooks/{id}",
+    tag = "webhooks",
+    security(("businessApiKey" = [])),
+    params(("id" = Uuid, Path, description = "The webhook's id")),
+    request_body = UpdateWebhookRequest,
+    responses(
+        (status = 204, description = "The webhook was replaced"),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 413, response = PayloadTooLarge),
+        (status = 422, response = UnprocessableContent),
+        (status = 500, response = InternalServerError),
+    )
+)]
 pub async fn update_webhook(
     State(state): State<AppState>,
     Business(business): Business,
-    Path(id): Path<String>,
+    PathText(id): PathText<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let id = path_id(&id, "webhook")?;
@@ -237,10 +357,26 @@ pub async fn update_webhook(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// Deletes a webhook
+///
+/// Its pending deliveries stop, and its delivery history is removed.
+#[utoipa::path(
+    delete,
+    path = "/v1/webhooks/{id}",
+    tag = "webhooks",
+    security(("businessApiKey" = [])),
+    params(("id" = Uuid, Path, description = "The webhook's id")),
+    responses(
+        (status = 204, description = "The webhook was deleted"),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 500, response = InternalServerError),
+    )
+)]
 pub async fn delete_webhook(
     State(state): State<AppState>,
     Business(business): Business,
-    Path(id): Path<String>,
+    PathText(id): PathText<String>,
 ) -> Result<Response, ApiError> {
     let id = path_id(&id, "webhook")?;
     if !state.store().delete_webhook(business, id).await? {

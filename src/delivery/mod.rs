@@ -35,8 +35,8 @@ const ENDPOINT_BACKLOG: usize = 200;
 const MAX_POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// The wait between polls while all due work belongs to full endpoints.
 const BUSY_POLL_INTERVAL: Duration = Duration::from_millis(50);
-/// How long a lease outlasts the request deadline, to record the outcome.
-const LEASE_MARGIN: Duration = Duration::from_secs(30);
+/// How long a lease outlasts the request deadline by default, to record the outcome.
+pub const DEFAULT_LEASE_MARGIN: Duration = Duration::from_secs(30);
 /// How long a deactivated or deleted endpoint's late-arriving jobs are dropped.
 const DISABLED_MEMORY: Duration = Duration::from_secs(300);
 
@@ -47,6 +47,8 @@ pub struct DeliveryContext {
     pub sender: Sender,
     pub retry_schedule: Arc<Vec<Duration>>,
     pub request_timeout: Duration,
+    /// How long a lease outlasts the request deadline.
+    pub lease_margin: Duration,
     /// This process's name on leases.
     pub owner: String,
 }
@@ -58,13 +60,14 @@ impl DeliveryContext {
             sender,
             retry_schedule: Arc::new(config.retry_schedule.clone()),
             request_timeout: config.request_timeout,
+            lease_margin: config.lease_margin,
             owner: format!("worker-{}", Uuid::new_v4()),
         }
     }
 
     /// Returns when a lease taken now should end.
     pub fn lease_until(&self, now: i64) -> i64 {
-        now + micros(self.request_timeout + LEASE_MARGIN)
+        now + micros(self.request_timeout + self.lease_margin)
     }
 }
 

@@ -11,12 +11,16 @@
 //! - Instants are microseconds since the Unix epoch; ids are UUID text.
 
 mod model;
+mod postgres;
 mod sqlite;
 
 pub use model::*;
+pub use postgres::{DEFAULT_POOL_MAX_SIZE, DUE_CHANNEL, WEBHOOK_CHANNEL};
 
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use postgres::PostgresStore;
 use sqlite::SqliteStore;
 
 /// Errors of store operations that callers branch on.
@@ -36,18 +40,28 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(error: tokio_postgres::Error) -> StoreError {
+        // tokio-postgres shows only "db error" until the source is added,
+        // and logs print this error's own message.
+        StoreError::Backend(anyhow::Error::msg(postgres::error_chain(&error)))
+    }
+}
+
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// The database behind the service, chosen by the URL scheme.
 #[derive(Clone)]
 pub enum Store {
     Sqlite(SqliteStore),
+    Postgres(PostgresStore),
 }
 
 macro_rules! dispatch {
     ($self:ident, $store:ident => $call:expr) => {
         match $self {
             Store::Sqlite($store) => $call,
+            Store::Postgres($store) => $call,
         }
     };
 }
@@ -57,12 +71,21 @@ impl Store {
     ///
     /// `sqlite://PATH` (relative to the working directory, or absolute as
     /// `sqlite:///abs/path`) opens or creates a file.
+    ///
+    /// `postgres://` and `postgresql://` URLs take the parameters of
+    /// tokio-postgres (such as `connect_timeout`, `sslmode` or `options`)
+    /// plus `pool_max_size`, the connections this process keeps open at most
+    /// (default [`DEFAULT_POOL_MAX_SIZE`]). Migrations run under an advisory
+    /// lock, so several processes may start at once.
     pub async fn open(url: &str) -> anyhow::Result<Store> {
         if let Some(path) = sqlite_path(url) {
             return Ok(Store::Sqlite(SqliteStore::open(&path).await?));
         }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Store::Postgres(PostgresStore::open(url).await?));
+        }
         anyhow::bail!(
-            "unsupported database URL {:?}: expected sqlite://PATH",
+            "unsupported database URL {:?}: expected sqlite://PATH or postgres://USER@HOST/DATABASE",
             redact_url(url)
         )
     }
@@ -71,10 +94,23 @@ impl Store {
     pub fn sqlite_path(&self) -> Option<&str> {
         match self {
             Store::Sqlite(store) => Some(store.path()),
+            Store::Postgres(_) => None,
+        }
+    }
+
+    /// Subscribes to changes that other processes make: deliveries that
+    /// became due and webhooks that were deactivated or deleted. Returns
+    /// `None` for SQLite, where only this process writes. Dropping the
+    /// receiver ends the subscription.
+    pub fn subscribe(&self) -> Option<mpsc::Receiver<StoreSignal>> {
+        match self {
+            Store::Sqlite(_) => None,
+            Store::Postgres(store) => Some(store.subscribe()),
         }
     }
 
     /// Takes over every lease, for a store that only this process uses.
+    /// Never call it on PostgreSQL while other processes may hold leases.
     pub async fn release_all_leases(&self, now: i64) -> StoreResult<u64> {
         dispatch!(self, s => s.release_all_leases(now).await)
     }

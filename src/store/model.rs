@@ -363,3 +363,13 @@ pub struct TestDelivery {
     pub payload: Vec<u8>,
     pub now: i64,
 }
+
+/// News from the database that other processes caused, for the delivery workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSignal {
+    /// Deliveries that no process holds may be due now.
+    Due,
+    /// A webhook was changed or deleted; `active` is false when its queued
+    /// jobs must be dropped.
+    WebhookChanged { webhook_id: Uuid, active: bool },
+}

@@ -1,0 +1,272 @@
+//! Crash safety of the real binary: `kill -9` while a retry waits or while an
+//! attempt is in flight, then a restart on the same SQLite file.
+//!
+//! These are the only tests that read the SQLite file directly, to see when
+//! an attempt has been recorded.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Instant;
+
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::helpers::{
+    ApiClient, DEADLINE, Reply, SERVICE_BINARY, TestReceiver, event_body, fresh_database_url,
+    hmac_hex, ms,
+};
+
+/// A `citapro-webhooks serve` process, killed when dropped.
+struct ServeProcess {
+    child: Child,
+    base_url: String,
+}
+
+/// Settings of a `serve` process that the crash tests vary.
+struct ServeSettings {
+    database_url: String,
+    producer_token: String,
+    retry_schedule: &'static str,
+    request_timeout: &'static str,
+}
+
+impl ServeProcess {
+    /// Starts `serve` on a free loopback port and waits for its
+    /// `listening address=...` log line.
+    async fn start(settings: &ServeSettings) -> ServeProcess {
+        let mut command = Command::new(SERVICE_BINARY);
+        command
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["--database-url", &settings.database_url])
+            .args(["--producer-token", &settings.producer_token])
+            .args(["--retry-schedule", settings.retry_schedule])
+            .args(["--request-timeout", settings.request_timeout])
+            .args(["--allow-http", "--allow-private-targets"])
+            .env("RUST_LOG", "info")
+            .env_remove("CITAPRO_LOG_FORMAT")
+            .env_remove("CITAPRO_ROLE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("starting citapro-webhooks serve");
+        let stderr = child.stderr.take().expect("serve stderr is piped");
+
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (address_sender, address_receiver) = mpsc::channel();
+        let log_writer = log.clone();
+        // Reads stderr to the end, so the process never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(address) = listening_address(&line) {
+                    let _ = address_sender.send(address);
+                }
+                log_writer.lock().expect("log lock").push(line);
+            }
+        });
+
+        let address = tokio::task::spawn_blocking(move || address_receiver.recv_timeout(DEADLINE))
+            .await
+            .expect("joining the wait for the address");
+        let mut process = ServeProcess {
+            child,
+            base_url: String::new(),
+        };
+        match address {
+            Ok(address) => process.base_url = format!("http://{address}"),
+            Err(_) => {
+                process.kill_hard();
+                let log = log.lock().expect("log lock").join("\n");
+                panic!("serve logged no listening address within {DEADLINE:?}. Its log:\n{log}");
+            }
+        }
+        process
+    }
+
+    fn api(&self, settings: &ServeSettings) -> ApiClient {
+        ApiClient::new(
+            self.base_url.clone(),
+            settings.database_url.clone(),
+            settings.producer_token.clone(),
+        )
+    }
+
+    /// Sends SIGKILL and reaps the process.
+    fn kill_hard(&mut self) {
+        self.child.kill().expect("sending SIGKILL to serve");
+        self.child.wait().expect("reaping serve");
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Extracts `HOST:PORT` from a log line such as `... listening address=127.0.0.1:8080 role=All`.
+fn listening_address(line: &str) -> Option<String> {
+    let (_, rest) = line.split_once("listening address=")?;
+    let address = rest.split_whitespace().next()?;
+    Some(address.to_owned())
+}
+
+fn sqlite_file(database_url: &str) -> PathBuf {
+    let path = database_url
+        .strip_prefix("sqlite://")
+        .unwrap_or_else(|| panic!("the crash tests need a SQLite URL, got {database_url}"));
+    PathBuf::from(path)
+}
+
+/// Waits until the SQLite file contains `count` recorded attempts.
+async fn wait_for_recorded_attempts(database: &PathBuf, count: i64) {
+    let started = Instant::now();
+    loop {
+        let connection = rusqlite::Connection::open(database).expect("opening the SQLite file");
+        let recorded: i64 = connection
+            .query_row("SELECT COUNT(*) FROM attempts", [], |row| row.get(0))
+            .expect("counting attempts");
+        if recorded >= count {
+            return;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "{recorded} of {count} attempts recorded within {DEADLINE:?}"
+        );
+        tokio::time::sleep(ms(10)).await;
+    }
+}
+
+async fn settings(
+    dir: &tempfile::TempDir,
+    retry_schedule: &'static str,
+    request_timeout: &'static str,
+) -> ServeSettings {
+    ServeSettings {
+        database_url: fresh_database_url(dir.path()).await,
+        producer_token: format!("crash-producer-{}", Uuid::new_v4()),
+        retry_schedule,
+        request_timeout,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_retries_survive_kill() {
+    let dir = tempfile::tempdir().expect("creating a temporary folder");
+    // The first retry waits long enough for the kill and the restart to
+    // happen before it falls due.
+    let settings = settings(&dir, "1500ms,300ms", "5s").await;
+    let receiver = TestReceiver::start_with(Reply::Status(500)).await;
+    let mut first_process = ServeProcess::start(&settings).await;
+    let api = first_process.api(&settings);
+    let business = api.create_business().await;
+    let webhook = api
+        .create_webhook(&business, &receiver.url, &["client.created"])
+        .await;
+    let aggregate = Uuid::new_v4();
+    api.accept_event(&event_body(
+        "client.created",
+        business.id,
+        aggregate,
+        r#"{"firstname":"Zoë"}"#,
+        None,
+    ))
+    .await;
+    receiver.wait_for_requests(1).await;
+    wait_for_recorded_attempts(&sqlite_file(&settings.database_url), 1).await;
+
+    first_process.kill_hard();
+    let killed_at = Instant::now();
+    assert_eq!(
+        receiver.request_count(),
+        1,
+        "the first retry came before the kill"
+    );
+    let _second_process = ServeProcess::start(&settings).await;
+
+    let attempts = receiver.wait_for_requests(3).await;
+    receiver
+        .assert_count_stays(3, ms(1500), "attempts after the schedule ends")
+        .await;
+    let first = &attempts[0];
+    assert_eq!(first.json()["aggregate_id"], json!(aggregate.to_string()));
+    for (number, attempt) in attempts.iter().enumerate().skip(1) {
+        let context = format!("attempt {} after the restart", number + 1);
+        assert!(
+            attempt.arrived_at > killed_at,
+            "{context}: arrived after the kill"
+        );
+        assert_eq!(
+            attempt.delivery_id(),
+            first.delivery_id(),
+            "{context}: delivery id"
+        );
+        assert_eq!(attempt.body, first.body, "{context}: body bytes");
+        assert_eq!(
+            attempt.header("x-citapro-signature"),
+            hmac_hex(&webhook.secret, &attempt.body),
+            "{context}: signature"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_attempt_survives_kill() {
+    let dir = tempfile::tempdir().expect("creating a temporary folder");
+    // A long request timeout keeps the hanging attempt in flight at the kill.
+    let settings = settings(&dir, "10s", "60s").await;
+    let receiver = TestReceiver::start_with(Reply::Status(200)).await;
+    receiver.queue_replies([Reply::Hang]);
+    let mut first_process = ServeProcess::start(&settings).await;
+    let api = first_process.api(&settings);
+    let business = api.create_business().await;
+    let webhook = api
+        .create_webhook(&business, &receiver.url, &["client.created"])
+        .await;
+    let aggregate = Uuid::new_v4();
+    api.accept_event(&event_body(
+        "client.created",
+        business.id,
+        aggregate,
+        r#"{"firstname":"Zoë"}"#,
+        None,
+    ))
+    .await;
+    let hanging = receiver.wait_for_requests(1).await.remove(0);
+
+    first_process.kill_hard();
+    let killed_at = Instant::now();
+    let _second_process = ServeProcess::start(&settings).await;
+
+    let attempts = receiver.wait_for_requests(2).await;
+    let redelivered = &attempts[1];
+    assert!(redelivered.arrived_at > killed_at, "arrived after the kill");
+    assert_eq!(
+        redelivered.delivery_id(),
+        hanging.delivery_id(),
+        "delivery id"
+    );
+    assert_eq!(redelivered.body, hanging.body, "body bytes");
+    assert_eq!(
+        redelivered.json()["aggregate_id"],
+        json!(aggregate.to_string())
+    );
+    assert_eq!(
+        redelivered.header("x-citapro-signature"),
+        hmac_hex(&webhook.secret, &redelivered.body)
+    );
+    receiver
+        .assert_count_stays(2, ms(1000), "attempts after the 200")
+        .await;
+}
+
+#[test]
+fn listening_address_parses_log_line() {
+    let line = "2026-03-05T14:30:00.000000Z  INFO citapro_webhooks::app: listening address=127.0.0.1:41234 role=All";
+
+    assert_eq!(listening_address(line).as_deref(), Some("127.0.0.1:41234"));
+    assert_eq!(listening_address("INFO stopped"), None);
+}

@@ -1,0 +1,1154 @@
+//! The PostgreSQL store's operations, called directly on a fresh schema.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use citapro_webhooks::domain::catalogue::find_event;
+use citapro_webhooks::domain::clock::now_micros;
+use citapro_webhooks::domain::payload::build_payload;
+use citapro_webhooks::store::{
+    AttemptRecord, Claim, DeliveryQuery, ErrorKind, Lease, NewEvent, Recovery, RecoveryOutcome,
+    Store, StoreError, StoreSignal, Trigger, Webhook, WebhookChange,
+};
+use serde_json::{Map, Value, json};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::support::TestSchema;
+
+async fn open(schema: &TestSchema) -> Store {
+    Store::open(&schema.url)
+        .await
+        .unwrap_or_else(|error| panic!("opening schema {}: {error:#}", schema.name))
+}
+
+fn new_webhook(business: Uuid, events: &[&str], is_active: bool) -> Webhook {
+    let now = now_micros();
+    Webhook {
+        id: Uuid::now_v7(),
+        business_id: business,
+        url: "http://127.0.0.1:9/hooks".to_owned(),
+        events: events.iter().map(|name| (*name).to_owned()).collect(),
+        is_active,
+        secret: "a".repeat(64),
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+async fn add_webhook(store: &Store, business: Uuid, events: &[&str], is_active: bool) -> Webhook {
+    let webhook = new_webhook(business, events, is_active);
+    store
+        .create_webhook(webhook.clone(), 100)
+        .await
+        .expect("creating a webhook");
+    webhook
+}
+
+fn object(value: Value) -> Map<String, Value> {
+    match value {
+        Value::Object(map) => map,
+        other => panic!("expected a JSON object, got {other}"),
+    }
+}
+
+/// An event whose payload is built here; `stored_previous` leaves the
+/// payload to the store, which builds it from the aggregate's stored state.
+struct EventSpec {
+    name: &'static str,
+    business: Uuid,
+    aggregate: Uuid,
+    data: Value,
+    stored_previous: bool,
+    accepted_at: i64,
+    lease: Option<Lease>,
+}
+
+impl EventSpec {
+    fn created(business: Uuid) -> EventSpec {
+        EventSpec {
+            name: "booking.created",
+            business,
+            aggregate: Uuid::new_v4(),
+            data: json!({ "status": "confirmed", "amount": 75.0 }),
+            stored_previous: false,
+            accepted_at: now_micros(),
+            lease: None,
+        }
+    }
+
+    fn build(self) -> NewEvent {
+        let event = find_event(self.name).expect("a documented event");
+        let data = object(self.data);
+        let occurred_on = "2026-03-05 14:30:00".to_owned();
+        let payload = (!self.stored_previous)
+            .then(|| build_payload(event, self.aggregate, &occurred_on, &data, None));
+        NewEvent {
+            id: Uuid::now_v7(),
+            business_id: self.business,
+            event,
+            aggregate_id: self.aggregate,
+            occurred_on,
+            data,
+            payload,
+            accepted_at: self.accepted_at,
+            lease: self.lease,
+        }
+    }
+}
+
+fn claim(owner: &str, now: i64, lease_until: i64, limit: usize) -> Claim {
+    Claim {
+        owner: owner.to_owned(),
+        now,
+        lease_until,
+        limit,
+        skip_webhooks: Vec::new(),
+    }
+}
+
+fn failed_attempt(delivery_id: Uuid, owner: &str, retry_at: Option<i64>) -> AttemptRecord {
+    AttemptRecord {
+        delivery_id,
+        trigger: Trigger::Automatic,
+        owner: Some(owner.to_owned()),
+        started_at: now_micros(),
+        duration_ms: 12,
+        status_code: Some(503),
+        error_kind: Some(ErrorKind::HttpStatus),
+        response_body: Some("unavailable".to_owned()),
+        succeeded: false,
+        retry_at,
+    }
+}
+
+fn succeeded_attempt(delivery_id: Uuid, owner: &str) -> AttemptRecord {
+    AttemptRecord {
+        status_code: Some(204),
+        error_kind: None,
+        response_body: Some(String::new()),
+        succeeded: true,
+        retry_at: None,
+        ..failed_attempt(delivery_id, owner, None)
+    }
+}
+
+/// Reads `(status, due_at, leased_by)` of a delivery straight from the table.
+async fn schedule(schema: &TestSchema, delivery_id: Uuid) -> (String, Option<i64>, Option<String>) {
+    let row = schema
+        .client()
+        .await
+        .query_one(
+            "SELECT status, due_at, leased_by FROM deliveries WHERE id = $1",
+            &[&delivery_id.to_string()],
+        )
+        .await
+        .expect("reading a delivery row");
+    (row.get(0), row.get(1), row.get(2))
+}
+
+async fn count_rows(schema: &TestSchema, table: &str) -> i64 {
+    schema
+        .client()
+        .await
+        .query_one(&format!("SELECT COUNT(*) FROM {table}"), &[])
+        .await
+        .expect("counting rows")
+        .get(0)
+}
+
+/// Waits for a signal that matches `wanted`, ignoring others (tests in other
+/// schemas of the same database send on the same channels).
+async fn expect_signal(
+    signals: &mut mpsc::Receiver<StoreSignal>,
+    wanted: impl Fn(&StoreSignal) -> bool,
+    what: &str,
+) {
+    let found = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(signal) = signals.recv().await {
+            if wanted(&signal) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(found, Ok(true), "no {what} signal arrived");
+}
+
+/// Subscribes and waits for the signal sent on connect, so the listener is
+/// known to listen before the test acts.
+async fn listening(store: &Store) -> mpsc::Receiver<StoreSignal> {
+    let mut signals = store.subscribe().expect("PostgreSQL stores can subscribe");
+    expect_signal(
+        &mut signals,
+        |signal| *signal == StoreSignal::Due,
+        "initial",
+    )
+    .await;
+    signals
+}
+
+#[tokio::test]
+async fn accept_creates_one_delivery_per_subscriber() {
+    let Some(schema) = TestSchema::create("accept_creates_one_delivery_per_subscriber").await
+    else {
+        return;
+    };
+    let store = open(&schema).await;
+    let business = Uuid::new_v4();
+    let subscriber = add_webhook(&store, business, &["booking.created"], true).await;
+    let second = add_webhook(
+        &store,
+        business,
+        &["client.created", "booking.created"],
+        true,
+    )
+    .await;
+    add_webhook(&store, business, &["booking.updated"], true).await;
+    add_webhook(&store, business, &["booking.created"], false).await;
+    add_webhook(&store, Uuid::new_v4(), &["booking.created"], true).await;
+
+    let spec = EventSpec::created(business);
+    let accepted_at = spec.accepted_at;
+    let accepted = store.accept_event(spec.build()).await.expect("accepting");
+    let mut webhooks: Vec<Uuid> = accepted.jobs.iter().map(|job| job.webhook_id).collect();
+    webhooks.sort();
+    let mut expected = vec![subscriber.id, second.id];
+    expected.sort();
+    assert_eq!(
+        webhooks, expected,
+        "deliveries go to active subscribers only"
+    );
+    assert_eq!(count_rows(&schema, "deliveries").await, 2);
+    assert_eq!(count_rows(&schema, "events").await, 1);
+    for job in &accepted.jobs {
+        let (status, due_at, leased_by) = schedule(&schema, job.delivery_id).await;
+        assert_eq!(status, "pending");
+        assert_eq!(
+            due_at,
+            Some(accepted_at),
+            "unleased deliveries are due at once"
+        );
+        assert_eq!(leased_by, None, "deliveries without a lease have no holder");
+        assert_eq!(job.trigger, Trigger::Automatic);
+        assert_eq!(job.auto_attempts, 0);
+    }
+
+    let mut leased = EventSpec::created(business);
+    leased.lease = Some(Lease {
+        owner: "worker-a".to_owned(),
+        until: accepted_at + 60_000_000,
+    });
+    let accepted = store.accept_event(leased.build()).await.expect("accepting");
+    assert_eq!(accepted.jobs.len(), 2);
+    for job in &accepted.jobs {
+        let (_, due_at, leased_by) = schedule(&schema, job.delivery_id).await;
+        assert_eq!(
+            due_at,
+            Some(accepted_at + 60_000_000),
+            "due when the lease ends"
+        );
+        assert_eq!(leased_by.as_deref(), Some("worker-a"));
+        assert_eq!(job.lease_until, accepted_at + 60_000_000);
+    }
+}
+
+#[tokio::test]
+async fn update_without_previous_uses_stored_state() {
+    let Some(schema) = TestSchema::create("update_without_previous_uses_stored_state").await else {
+        return;
+    };
+    let store = open(&schema).await;
+    let business = Uuid::new_v4();
+    let webhook = add_webhook(&store, business, &["booking.updated"], true).await;
+    let aggregate = Uuid::new_v4();
+    let update = |status: &str| EventSpec {
+        name: "booking.updated",
+        business,
+        aggregate,
+        data: json!({ "status": status, "amount": 75.0 }),
+        stored_previous: true,
+        accepted_at: now_micros(),
+        lease: None,
+    };
+
+    let error = store
+        .accept_event(update("cancelled").build())
+        .await
+        .expect_err("no stored state yet");
+    assert!(
+        matches!(error, StoreError::NoPreviousState(id) if id == aggregate),
+        "{error}"
+    );
+    assert_eq!(
+        count_rows(&schema, "events").await,
+        0,
+        "a rejected event stores nothing"
+    );
+
+    let mut created = EventSpec::created(business);
+    created.aggregate = aggregate;
+    store.accept_event(created.build()).await.expect("created");
+    let accepted = store
+        .accept_event(update("cancelled").build())
+        .await
+        .expect("update from the stored state");
+    assert_eq!(accepted.jobs.len(), 1);
+    let payload: Value = serde_json::from_slice(&accepted.jobs[0].payload).expect("payload JSON");
+    assert_eq!(
+        payload["data"]["changes"],
+        json!({ "status": { "old": "confirmed", "new": "cancelled" } }),
+        "changes are computed against the stored state: {payload}"
+    );
+    let detail = store
+        .get_delivery(business, webhook.id, accepted.jobs[0].delivery_id)
+        .await
+        .expect("reading the delivery")
+        .expect("the delivery exists");
+    assert_eq!(
+        detail.payload,
+        accepted.jobs[0].payload.to_vec(),
+        "stored body is the sent body"
+    );
+
+    let mut deleted = EventSpec::created(business);
+    deleted.name = "booking.deleted";
+    deleted.aggregate = aggregate;
+    store.accept_event(deleted.build()).await.expect("deleted");
+    let error = store
+        .accept_event(update("confirmed").build())
+        .await
+        .expect_err("the deletion removed the stored state");
+    assert!(matches!(error, StoreError::NoPreviousState(_)), "{error}");
+}
+
+#[tokio::test]
+async fn claim_leases_due_work_once() {
+    let Some(schema) = TestSchema::create("claim_leases_due_work_once").await else {
+        return;
+    };
+    let store = open(&schema).await;
+    let business = Uuid::new_v4();
+    let first = add_webhook(&store, business, &["booking.created"], true).await;
+    let second = add_webhook(&store, business, &["booking.created"], true).await;
+    for _ in 0..3 {
+        store
+            .accept_event(EventSpec::created(business).build())
+            .await
+            .expect("accepting");
+    }
+
+    let now = now_micros();
+    let lease_until = now + 60_000_000;
+    let mut skip_second = claim("worker-a", now, lease_until, 10);
+    skip_second.skip_webhooks = vec![second.id];
+    let jobs = store.claim_due(skip_second).await.expect("claiming");
+    assert_eq!(jobs.len(), 3, "only the first webhook's deliveries");
+    assert!(jobs.iter().all(|job| job.webhook_id == first.id));
+    assert!(jobs.iter().all(|job| job.lease_until == lease_until));
+
+    let jobs = store
+        .claim_due(claim("worker-a", now, lease_until, 2))
+        .await
+        .expect("claiming");
+    assert_eq!(jobs.len(), 2, "the limit caps a claim");
+    let jobs = store
+        .claim_due(claim("worker-b", now, lease_until, 10))
+        .await
+        .expect("claiming");
+    assert_eq!(jobs.len(), 1, "leased deliveries are not claimed again");
+    let jobs = store
+        .claim_due(claim("worker-b", now, lease_until, 10))
+        .await
+        .expect("claiming");
+    assert!(jobs.is_empty(), "everything is leased");
+    assert_eq!(
+        store.next_due_at().await.expect("next due"),
+        Some(lease_until)
+    );
+
+    let after_lease = lease_until + 1;
+    let jobs = store
+        .claim_due(claim("worker-c", after_lease, after_lease + 60_000_000, 10))
+        .await
+        .expect("claiming");
+    assert_eq!(jobs.len(), 6, "expired leases are taken over");
+    for job in &jobs {
+        let (_, _, leased_by) = schedule(&schema, job.delivery_id).await;
+        assert_eq!(leased_by.as_deref(), Some("worker-c"));
+    }
+}
+
+#[tokio::test]
+async fn concurrent_claims_never_share_a_delivery() {
+    let Some(schema) = TestSchema::create("concurrent_claims_never_share_a_delivery").await else {
+        return;
+    };
+    let store = open(&schema).await;
+    let other_process = open(&schema).await;
+    let business = Uuid::new_v4();
+    for _ in 0..4 {
+        add_webhook(&store, business, &["booking.created"], true).await;
+    }
+    for _ in 0..50 {
+        store
+            .accept_event(EventSpec::created(business).build())
+            .await
+            .expect("accepting");
+    }
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for index in 0..8 {
+        let store = if index % 2 == 0 {
+            store.clone()
+        } else {
+            other_process.clone()
+        };
+        tasks.spawn(async move {
+            let owner = format!("worker-{index}");
+            let mut claimed = Vec::new();
+            loop {
+                let now = now_micros();
+                let jobs = store
+                    .claim_due(claim(&owner, now, now + 600_000_000, 7))
+                    .await
+                    .expect("claiming");
+                if jobs.is_empty() {
+                    return claimed;
+                }
+                claimed.extend(jobs.into_iter().map(|job| job.delivery_id));
+            }
+        });
+    }
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    while let Some(claimed) = tasks.join_next().await {
+        for id in claimed.expect("claim task") {
+            total += 1;
+            assert!(seen.insert(id), "delivery {id} was claimed twice");
+        }
+    }
+    assert_eq!(total, 200, "every delivery is claimed exactly once");
+}
+
+#[tokio::test]
+async fn record_attempt_moves_the_schedule() {
+    let Some(schema) = TestSchema::create("record_attempt_moves_the_schedule").await else {
+        return;
+    };
+    let store = open(&schema).await;
+    let business = Uuid::new_v4();
+    let webhook = add_webhook(&store, business, &["booking.created"], true).await;
+    store
+        .accept_event(EventSpec::created(business).build())
+        .await
+        .expect("accepting");
+    let now = now_micros();
+    let job = store
+        .claim_due(claim("worker-a", now, now + 60_000_000, 1))
+        .await
+        .expect("claiming")
+        .pop()
+        .expect("one due delivery");
+
+    let retry_at = now + 10_000_000;
+    store
+        .record_attempt(failed_attempt(job.delivery_id, "worker-a", Some(retry_at)))
+        .await
+        .expect("recording a failure");
+    assert_eq!(
+        schedule(&schema, job.delivery_id).await,
+        ("pending".to_owned(), Some(retry_at), None),
+        "a failure releases the lease and schedules the retry"
+    );
+    let detail = store
+        .get_delivery(business, webhook.id, job.delivery_id)
+        .await
+        .expect("reading")
+        .expect("exists");
+    assert_eq!(detail.delivery.attempt_count, 1);
+    assert_eq!(detail.delivery.next_attempt_at, Some(retry_at));
+    assert_eq!(detail.delivery.last_status_code, Some(503));
+    assert_eq!(detail.attempts.len(), 1);
+    assert_eq!(detail.attempts[0].number, 1);
+    assert_eq!(detail.attempts[0].trigger, "automatic");
+    assert_eq!(
+        detail.attempts[0].error_kind.as_deref(),
+        Some("http_status")
+    );
+    assert_eq!(
+        detail.attempts[0].response_body.as_deref(),
+        Some("unavailable")
+    );
+
+    // worker-b takes the retry; a late record from worker-a leaves its lease alone.
+    let retried = store
+        .claim_due(claim("worker-b", retry_at, retry_at + 60_000_000, 1))
+        .await
+        .expect("claiming the retry")
+        .pop()
+        .expect("the retry is due");
+    assert_eq!(retried.auto_attempts, 1, "the retry counter continues");
+    store
+        .record_attempt(failed_attempt(
+            job.delivery_id,
+            "worker-a",
+            Some(retry_at + 5),
+        ))
+        .await
+        .expect("recording a stale failure");
+    assert_eq!(
+        schedule(&schema, job.delivery_id).await,
+        (
+            "pending".to_owned(),
+            Some(retry_at + 60_000_000),
+            Some("worker-b".to_owned())
+        ),
+        "a stale holder's failure keeps the new holder's lease"
+    );
+
+    store
+        .record_attempt(succeeded_attempt(job.delivery_id, "worker-b"))
+        .await
+        .expect("recording a success");
+    assert_eq!(
+        schedule(&schema, job.delivery_id).await,
+        ("succeeded".to_owned(), None, None)
+    );
+    let detail = store
+        .get_delivery(business, webhook.id, job.delivery_id)
+        .await
+        .expect("reading")
+        .expect("exists");
+    let numbers: Vec<i64> = detail
+        .attempts
+        .iter()
+        .map(|attempt| attempt.number)
+        .collect();
+    assert_eq!(numbers, [1, 2, 3], "attempts are numbered in order");
+    assert_eq!(detail.delivery.status, "succeeded");
+    assert_eq!(detail.delivery.last_status_code, Some(204));
+}
+
+#[tokio::test]
+async fn leases_renew_and_release() {
+    let Some(schema) = TestSchema::create("leases_renew_and_release").await else {
+        return;
+    };
+    let store = open(&schema).await;
+    let business = Uuid::new_v4();
+    add_webhook(&store, business, &["booking.created"], true).await;
+    store
+        .accept_event(EventSpec::created(business).build())
+        .await
+        .expect("accepting");
+    let now = now_micros();
+    let job = store
+        .claim_due(claim("worker-a", now, now + 60_000_000, 1))
+        .await
+        .expect("claiming")
+        .pop()
+        .expect("one due delivery");
+
+    let renewed = store
+        .renew_lease(job.delivery_id, "worker-a".to_owned(), now + 120_000_000)
+        .await
+        .expect("renewing");
+    assert!(renewed, "the holder renews its lease");
+    let renewed = store
+        .renew_lease(job.delivery_id, "worker-b".to_owned(), now + 180_000_000)
+        .await
+        .expect("renewing");
+    assert!(!renewed, "another worker cannot renew the lease");
+    assert_eq!(
+        schedule(&schema, job.delivery_id).await.1,
+        Some(now + 120_000_000)
+    );
+
+    store
+        .release_leases(vec![job.delivery_id], "worker-b".to_owned())
+        .await
+        .expect("releasing");
+    let (_, _, holder) = schedule(&schema, job.delivery_id).await;
+    assert_eq!(
+        holder.as_deref(),
+        Some("worker-a"),
+        "only the holder releases"
+    );
+    store
+        .release_leases(vec![job.delivery_id], "worker-a".to_owned())
+        .await
+        .expect("releasing");
+    let later = now_micros();
+    let jobs = store
+        .claim_due(claim("worker-b", later, later + 60_000_000, 10))
+        .await
+        .expect("claiming");
+    assert_eq!(jobs.len(), 1, "a released delivery is due at once");
+}
+
+#[tokio::test]
+async fn deactivation_cancels_pending_deliveries() {
+    let Some(schema) = TestSchema::create("deactivation_cancels_pending_deliveries").await else {
+        return;
+    };
+    let store = open(&schema).await;
+    let mut signals = listening(&open(&schema).await).await;
+    let business = Uuid::new_v4();
+    let webhook = add_webhook(&store, business, &["booking.created"], true).await;
+    let accepted = store
+        .accept_event(EventSpec::created(business).build())
+        .await
+        .expect("accepting");
+
+    let change = |is_active| WebhookChange {
+        business_id: business,
+        id: webhook.id,
+        url: webhook.url.clone(),
+        events: webhook.events.clone(),
+        is_active,
+        updated_at: now_micros(),
+    };
+    let updated = store
+        .update_webhook(change(false))
+        .await
+        .expect("deactivating")
+        .expect("the webhook exists");
+    assert!(!updated.is_active);
+    assert_eq!(
+        schedule(&schema, accepted.jobs[0].delivery_id).await,
+        ("cancelled".to_owned(), None, None)
+    );
+    let now = now_micros();
+    let jobs = store
+        .claim_due(claim("worker-a", now, now + 1, 10))
+        .await
+        .expect("claiming");
+    assert!(jobs.is_empty(), "cancelled deliveries are never claimed");
+    let webhook_id = webhook.id;
+    expect_signal(
+        &mut signals,
+        |signal| {
+            *signal
+                == StoreSignal::WebhookChanged {
+                    webhook_id,
+                    active: false,
+                }
+        },
+        "deactivation",
+    )
+    .await;
+
+    let accepted = store
+        .accept_event(EventSpec::created(business).build())
+        .await
+        .expect("accepting");
+    assert!(
+        accepted.jobs.is_empty(),
+        "an inactive webhook gets no deliveries"
+    );
+
+    store
+        .update_webhook(change(true))
+        .await
+        .expect("reactivating")
+        .expect("the webhook exists");
+    expect_signal(
+        &mut signals,
+        |signal| {
+            *signal
+                == StoreSignal::WebhookChanged {
+                    webhook_id,
+                    active: true,
+                }
+        },
+        "reactivation",
+    )
+    .await;
+    let other_business = WebhookChange {
+        business_id: Uuid::new_v4(),
+        ..change(false)
+    };
+    let missing = store
+        .update_webhook(other_business)
+        .await
+        .expect("updating");
+    assert!(missing.is_none(), "another business's webhook is not found");
+}
+
+#[tokio::test]
+async fn delete_removes_history() {
+    let Some(schema) = TestSchema::create("delete_removes_history").await else {
+        return;
+    };
+    let store = open(&schema).await;
+    let mut signals = listening(&open(&schema).await).await;
+    let business = Uuid::new_v4();
+    let webhook = add_webhook(&store, business, &["booking.created"], true).await;
+    let kept = add_webhook(&store, business, &["booking.created"], true).await;
+    let accepted = store
+        .accept_event(EventSpec::created(business).build())
+        .await
+        .expect("accepting");
+    for job in &accepted.jobs {
+        store
+            .record_attempt(failed_attempt(
+                job.delivery_id,
+                "worker-a",
+                Some(now_micros()),
+            ))
+            .await
+            .expect("recording");
+    }
+
+    let deleted = store
+        .delete_webhook(Uuid::new_v4(), webhook.id)
+        .await
+        .expect("deleting");
+    assert!(!deleted, "another business cannot delete it");
+    let deleted = store
+        .delete_webhook(business, webhook.id)
+        .await
+        .expect("deleting");
+    assert!(deleted);
+    assert!(
+        store
+            .get_webhook(business, webhook.id)
+            .await
+            .expect("reading")
+            .is_none()
+    );
+    assert_eq!(
+        count_rows(&schema, "deliveries").await,
+        1,
+        "the other webhook's delivery stays"
+    );
+    assert_eq!(
+        count_rows(&schema, "attempts").await,
+        1,
+        "the other webhook's attempt stays"
+    );
+    let remaining = store
+        .list_webhooks(business)
+        .await
+        .expect("listing")
+        .into_iter()
+        .map(|webhook| webhook.id)
+        .collect::<Vec<_>>();
+    assert_eq!(remaining, [kept.id]);
+    let webhook_id = webhook.id;
+    expect_signal(
+        &mut signals,
+        |signal| {
+            *signal
+                == StoreSignal::WebhookChanged {
+                    webhook_id,
+                    active: false,
+                }
+        },
+        "deletion",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn history_pages_across_equal_timestamps() {
+    let Some(schema) = TestSchema::create("history_pages_across_equal_timestamps").await else {
+        return;
+    };
+    let store = open(&schema).await;
+    let business = Uuid::new_v4();
+    let webhook = add_webhook(
+        &store,
+        business,
+        &["booking.created", "booking.updated"],
+        true,
+    )
+    .await;
+    let instant = now_micros();
+    let mut expected = Vec::new();
+    for index in 0..9 {
+        let mut spec = EventSpec::created(business);
+        // Three groups of three deliveries that share a creation time.
+        spec.accepted_at = instant + (index / 3) as i64;
+        let accepted = store.accept_event(spec.build()).await.expect("accepting");
+        expected.push((instant + (index / 3) as i64, accepted.jobs[0].delivery_id));
+    }
+    expected.sort_by(|a, b| b.cmp(a));
+
+    let page_size = 2;
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .list_deliveries(DeliveryQuery {
+                business_id: business,
+                webhook_id: webhook.id,
+                status: None,
+                event: None,
+                limit: page_size + 1,
+                after,
+            })
+            .await
+            .expect("listing")
+            .expect("the webhook exists");
+        let has_more = page.len() > page_size;
+        let page: Vec<_> = page.into_iter().take(page_size).collect();
+        seen.extend(
+            page.iter()
+                .map(|delivery| (delivery.created_at, delivery.id)),
+        );
+        if !has_more {
+            break;
+        }
+        let last = page.last().expect("a full page");
+        after = Some((last.created_at, last.id));
+    }
+    assert_eq!(
+        seen, expected,
+        "pages neither skip nor repeat, newest first"
+    );
+
+    let filtered = store
+        .list_deliveries(DeliveryQuery {
+            business_id: business,
+            webhook_id: webhook.id,
+            status: Some("pending".to_owned()),
+            event: Some("booking.updated".to_owned()),
+            limit: 50,
+            after: None,
+        })
+        .await
+        .expect("listing")
+        .expect("the webhook exists");
+    assert!(filtered.is_empty(), "no booking.updated deliveries");
+    let filtered = store
+        .list_deliveries(DeliveryQuery {
+            business_id: business,
+            webhook_id: webhook.id,
+            status: Some("pending".to_owned()),
+            event: Some("booking.created".to_owned()),
+            limit: 4,
+            after: Some(expected[2]),
+        })
+        .await
+        .expect("listing")
+        .expect("the webhook exists");
+    let ids: Vec<_> = filtered.iter().map(|delivery| delivery.id).collect();
+    let wanted: Vec<_> = expected[3..7].iter().map(|(_, id)| *id).collect();
+    assert_eq!(ids, wanted, "filters combine with the cursor");
+
+    let other_business = store
+        .list_deliveries(DeliveryQuery {
+            business_id: Uuid::new_v4(),
+            webhook_id: webhook.id,
+            status: None,
+            event: None,
+            limit: 5,
+            after: None,
+        })
+        .await
+        .expect("listing");
+    assert!(
+        other_business.is_none(),
+        "another business sees no such webhook"
+    );
+}
+
+#[tokio::test]
+async fn unleased_work_wakes_other_processes() {
+    let Some(schema) = TestSchema::create("unleased_work_wakes_other_processes").await else {
+        return;
+    };
+    let store = open(&schema).await;
+    let business = Uuid::new_v4();
+    let webhook = add_webhook(&store, business, &["booking.created"], true).await;
+    let mut signals = listening(&open(&schema).await).await;
+    store
+        .accept_event(EventSpec::created(business).build())
+        .await
+        .expect("accepting");
+    expect_signal(
+        &mut signals,
+        |signal| *signal == StoreSignal::Due,
+        "due after accept",
+    )
+    .await;
+
+    let now = now_micros();
+    let job = store
+        .claim_due(claim("worker-a", now, now + 60_000_000, 1))
+        .await
+        .expect("claiming")
+        .pop()
+        .expect("due");
+    store
+        .record_attempt(failed_attempt(job.delivery_id, "worker-a", None))
+        .await
+        .expect("recording the last failure");
+    let outcome = store
+        .recover(Recovery {
+            business_id: business,
+            webhook_id: webhook.id,
+            since: now - 60_000_000,
+            until: now_micros() + 1,
+            dry_run: false,
+            now: now_micros(),
+        })
+        .await
+        .expect("recovering");
+    assert_eq!(outcome, RecoveryOutcome::Requeued(1));
+    expect_signal(
+        &mut signals,
+        |signal| *signal == StoreSignal::Due,
+        "due after recover",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn recover_requeues_failed_deliveries() {
+    let Some(schema) = TestSchema::create("recover_requeues_failed_deliveries").await else {
+        return;
+    };
+    let store = open(&schema).await;
+    let business = Uuid::new_v4();
+    let webhook = add_webhook(&store, business, &["booking.created"], true).await;
+    let accepted = store
+        .accept_event(EventSpec::created(business).build())
+        .await
+        .expect("accepting");
+    let delivery_id = accepted.jobs[0].delivery_id;
+    store
+        .record_attempt(failed_attempt(delivery_id, "worker-a", None))
+        .await
+        .expect("recording the last failure");
+    assert_eq!(schedule(&schema, delivery_id).await.0, "failed");
+
+    let recovery = |dry_run| Recovery {
+        business_id: business,
+        webhook_id: webhook.id,
+        since: 0,
+        until: i64::MAX,
+        dry_run,
+        now: 42,
+    };
+    let outcome = store.recover(recovery(true)).await.expect("dry run");
+    assert_eq!(outcome, RecoveryOutcome::Requeued(1));
+    assert_eq!(
+        schedule(&schema, delivery_id).await.0,
+        "failed",
+        "a dry run changes nothing"
+    );
+    let outcome = store.recover(recovery(false)).await.expect("recovering");
+    assert_eq!(outcome, RecoveryOutcome::Requeued(1));
+    assert_eq!(
+        schedule(&schema, delivery_id).await,
+        ("pending".to_owned(), Some(42), None)
+    );
+    let jobs = store
+        .claim_due(claim("worker-a", 42, 1_000, 10))
+        .await
+        .expect("claiming");
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(
+        jobs[0].auto_attempts, 0,
+        "recovery restarts the retry schedule"
+    );
+
+    let missing = Recovery {
+        webhook_id: Uuid::new_v4(),
+        ..recovery(false)
+    };
+    assert_eq!(
+        store.recover(missing).await.expect("recovering"),
+        RecoveryOutcome::WebhookNotFound
+    );
+    store
+        .update_webhook(WebhookChange {
+            business_id: business,
+            id: webhook.id,
+            url: webhook.url.clone(),
+            events: webhook.events.clone(),
+            is_active: false,
+            updated_at: now_micros(),
+        })
+        .await
+        .expect("deactivating");
+    assert_eq!(
+        store.recover(recovery(false)).await.expect("recovering"),
+        RecoveryOutcome::WebhookInactive
+    );
+}
+
+#[tokio::test]
+async fn test_pings_and_manual_attempts() {
+    let Some(schema) = TestSchema::create("test_pings_and_manual_attempts").await else {
+        return;
+    };
+    let store = open(&schema).await;
+    let business = Uuid::new_v4();
+    let webhook = add_webhook(&store, business, &["booking.created"], true).await;
+    let ping = store
+        .create_test_delivery(citapro_webhooks::store::TestDelivery {
+            business_id: business,
+            webhook_id: webhook.id,
+            payload: b"{\"event\":\"webhook.ping\"}".to_vec(),
+            now: now_micros(),
+        })
+        .await
+        .expect("creating a ping")
+        .expect("the webhook exists");
+    assert_eq!(ping.trigger, Trigger::Test);
+    assert_eq!(ping.event, "webhook.ping");
+    assert_eq!(&ping.payload[..], b"{\"event\":\"webhook.ping\"}");
+    let now = now_micros();
+    let jobs = store
+        .claim_due(claim("worker-a", now, now + 1, 10))
+        .await
+        .expect("claiming");
+    assert!(jobs.is_empty(), "test pings are never claimed by workers");
+
+    let accepted = store
+        .accept_event(EventSpec::created(business).build())
+        .await
+        .expect("accepting");
+    let delivery = &accepted.jobs[0];
+    let manual = store
+        .manual_job(business, webhook.id, delivery.delivery_id)
+        .await
+        .expect("reading")
+        .expect("the delivery exists");
+    assert_eq!(manual.trigger, Trigger::Manual);
+    assert_eq!(
+        manual.payload, delivery.payload,
+        "a redelivery sends the same body"
+    );
+    let foreign = store
+        .manual_job(Uuid::new_v4(), webhook.id, delivery.delivery_id)
+        .await
+        .expect("reading");
+    assert!(foreign.is_none(), "another business cannot redeliver it");
+}
+
+#[tokio::test]
+async fn purge_removes_finished_history() {
+    let Some(schema) = TestSchema::create("purge_removes_finished_history").await else {
+        return;
+    };
+    let store = open(&schema).await;
+    let business = Uuid::new_v4();
+    add_webhook(&store, business, &["booking.created"], true).await;
+    let mut old = EventSpec::created(business);
+    old.accepted_at = 1_000;
+    let finished = store.accept_event(old.build()).await.expect("accepting");
+    store
+        .record_attempt(succeeded_attempt(finished.jobs[0].delivery_id, "worker-a"))
+        .await
+        .expect("recording");
+    let mut old_pending = EventSpec::created(business);
+    old_pending.accepted_at = 1_000;
+    store
+        .accept_event(old_pending.build())
+        .await
+        .expect("accepting");
+    store
+        .accept_event(EventSpec::created(business).build())
+        .await
+        .expect("accepting");
+
+    let removed = store.purge_history(2_000, 100).await.expect("purging");
+    assert_eq!(removed, 2, "one finished delivery and its event");
+    assert_eq!(
+        count_rows(&schema, "deliveries").await,
+        2,
+        "pending and new deliveries stay"
+    );
+    assert_eq!(count_rows(&schema, "attempts").await, 0);
+    assert_eq!(count_rows(&schema, "events").await, 2);
+    assert_eq!(store.purge_history(2_000, 100).await.expect("purging"), 0);
+}
+
+#[tokio::test]
+async fn webhook_limit_holds_under_concurrency() {
+    let Some(schema) = TestSchema::create("webhook_limit_holds_under_concurrency").await else {
+        return;
+    };
+    let store = open(&schema).await;
+    let other_process = open(&schema).await;
+    let business = Uuid::new_v4();
+    let mut tasks = tokio::task::JoinSet::new();
+    for index in 0..12 {
+        let store = if index % 2 == 0 {
+            store.clone()
+        } else {
+            other_process.clone()
+        };
+        tasks.spawn(async move {
+            store
+                .create_webhook(new_webhook(business, &["booking.created"], true), 5)
+                .await
+        });
+    }
+    let mut created = 0;
+    let mut rejected = 0;
+    while let Some(outcome) = tasks.join_next().await {
+        match outcome.expect("create task") {
+            Ok(()) => created += 1,
+            Err(StoreError::WebhookLimit(5)) => rejected += 1,
+            Err(error) => panic!("unexpected error: {error}"),
+        }
+    }
+    assert_eq!(created, 5, "exactly the limit is created");
+    assert_eq!(rejected, 7);
+    assert_eq!(
+        store.list_webhooks(business).await.expect("listing").len(),
+        5
+    );
+}
+
+#[tokio::test]
+async fn concurrent_starts_migrate_once() {
+    let Some(schema) = TestSchema::create("concurrent_starts_migrate_once").await else {
+        return;
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let url = schema.url.clone();
+        tasks.spawn(async move { Store::open(&url).await.map(|_| ()) });
+    }
+    while let Some(outcome) = tasks.join_next().await {
+        outcome
+            .expect("open task")
+            .unwrap_or_else(|error| panic!("opening failed: {error:#}"));
+    }
+    let versions: Vec<i64> = schema
+        .client()
+        .await
+        .query(
+            "SELECT version FROM schema_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .expect("reading schema_migrations")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(versions, [1]);
+    assert!(
+        Store::open(&schema.url).await.is_ok(),
+        "opening a migrated schema again works"
+    );
+}
+
+#[tokio::test]
+async fn passwords_stay_out_of_errors() {
+    let error = Store::open("postgres://app:hunter2@127.0.0.1:1/test?connect_timeout=2")
+        .await
+        .err()
+        .expect("nothing listens on port 1");
+    let message = format!("{error:#}");
+    assert!(!message.contains("hunter2"), "{message}");
+    assert!(message.contains("REDACTED"), "{message}");
+}
