@@ -36,3 +36,33 @@ pub async fn migrate(database_url: &str) -> anyhow::Result<()> {
     eprintln!("database {} is up to date", redact_url(database_url));
     Ok(())
 }
+
+/// Encrypts every stored webhook secret with the current key, decrypting old
+/// values with the current or a previous key. Safe to run again: secrets
+/// already encrypted with the current key are left alone.
+pub async fn encrypt_secrets(
+    database_url: &str,
+    encryption_key: Option<&str>,
+    previous_keys: &[String],
+) -> anyhow::Result<()> {
+    let cipher = crate::config::secret_cipher(encryption_key, previous_keys)?
+        .ok_or_else(|| anyhow::anyhow!("set --encryption-key or CITAPRO_ENCRYPTION_KEY"))?;
+    let store = Store::open(database_url).await?;
+    let mut encrypted = 0usize;
+    for (id, stored) in store.webhook_secrets().await? {
+        if cipher.is_current(&stored) {
+            continue;
+        }
+        let plain = cipher
+            .decrypt(&stored)
+            .map_err(|error| anyhow::anyhow!("webhook {id}: {error}"))?;
+        if store
+            .replace_webhook_secret(id, stored, cipher.encrypt(&plain))
+            .await?
+        {
+            encrypted += 1;
+        }
+    }
+    eprintln!("{encrypted} webhook secrets encrypted with the current key");
+    Ok(())
+}

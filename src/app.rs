@@ -11,10 +11,12 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{AppState, router};
 use crate::config::Role;
 use crate::config::ServiceConfig;
+use crate::config::secret_cipher;
 use crate::delivery::Dispatcher;
 use crate::delivery::sender::{Lookup, Sender};
 use crate::delivery::{self, DeliveryContext};
 use crate::domain::clock::now_micros;
+use crate::store::cipher::{SecretCipher, is_encrypted, open_secret};
 use crate::store::{Store, StoreSignal};
 
 /// Options of a service run that only tests change.
@@ -59,7 +61,12 @@ async fn serve(
     shutdown: CancellationToken,
     options: RunOptions,
 ) -> anyhow::Result<()> {
+    let cipher = secret_cipher(
+        config.encryption_key.as_deref(),
+        &config.previous_encryption_keys,
+    )?;
     let store = Store::open(&config.database_url).await?;
+    check_secrets(&store, cipher.as_deref()).await?;
     let _lock = take_over_sqlite(&store, &config).await?;
 
     let sender = Sender::new(
@@ -67,7 +74,8 @@ async fn serve(
         config.request_timeout,
         options.lookup,
         config.extra_ca_file.as_deref(),
-    )?;
+    )?
+    .with_cipher(cipher.clone());
     let context = DeliveryContext::new(store.clone(), sender, &config);
     let workers_shutdown = CancellationToken::new();
     let (dispatcher, mut workers) = if config.role.runs_workers() {
@@ -120,6 +128,32 @@ async fn serve(
     workers_shutdown.cancel();
     while workers.join_next().await.is_some() {}
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Fails start-up when a stored webhook secret cannot be read with the
+/// configured keys, so a wrong key is found before any delivery fails.
+async fn check_secrets(store: &Store, cipher: Option<&SecretCipher>) -> anyhow::Result<()> {
+    let secrets = store.webhook_secrets().await?;
+    let mut unreadable = secrets
+        .iter()
+        .filter_map(|(id, stored)| open_secret(cipher, stored).err().map(|error| (id, error)));
+    if let Some((id, error)) = unreadable.next() {
+        let count = 1 + unreadable.count();
+        anyhow::bail!("{count} webhook secrets cannot be decrypted (first: webhook {id}): {error}");
+    }
+    if cipher.is_some() {
+        let plain = secrets
+            .iter()
+            .filter(|(_, stored)| !is_encrypted(stored))
+            .count();
+        if plain > 0 {
+            tracing::warn!(
+                count = plain,
+                "webhook secrets are stored in plain text; run encrypt-secrets"
+            );
+        }
+    }
     Ok(())
 }
 

@@ -32,6 +32,13 @@ pub enum Command {
     ProducerToken(ProducerTokenCommand),
     /// Apply database migrations and exit.
     Migrate(DatabaseArgs),
+    /// Encrypt every stored webhook secret with the current encryption key.
+    EncryptSecrets {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(flatten)]
+        encryption: EncryptionArgs,
+    },
     /// Run a local receiver that verifies and prints each delivery.
     Listen {
         /// Port on 127.0.0.1 to listen on.
@@ -76,6 +83,22 @@ pub struct DatabaseArgs {
     /// Database URL: sqlite://PATH or postgres://USER@HOST/DB.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
     pub database_url: String,
+}
+
+/// Keys that webhook secrets are encrypted with at rest.
+#[derive(Debug, Args)]
+pub struct EncryptionArgs {
+    /// 64 hex characters; webhook secrets are stored encrypted with this key.
+    #[arg(long, env = "CITAPRO_ENCRYPTION_KEY", hide_env_values = true)]
+    pub encryption_key: Option<String>,
+    /// Comma-separated older keys, still accepted to decrypt during a rotation.
+    #[arg(
+        long,
+        env = "CITAPRO_PREVIOUS_ENCRYPTION_KEYS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub previous_encryption_keys: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -146,6 +169,8 @@ pub struct ServeArgs {
     /// PEM file of CA certificates trusted beside the system roots.
     #[arg(long, env = "CITAPRO_EXTRA_CA_FILE")]
     pub extra_ca_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub encryption: EncryptionArgs,
     /// Log format.
     #[arg(long, env = "CITAPRO_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -172,6 +197,8 @@ impl ServeArgs {
         config.endpoint_concurrency = self.endpoint_concurrency;
         config.history_retention = self.history_retention;
         config.extra_ca_file = self.extra_ca_file.clone();
+        config.encryption_key = self.encryption.encryption_key.clone();
+        config.previous_encryption_keys = self.encryption.previous_encryption_keys.clone();
         config
     }
 }

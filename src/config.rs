@@ -48,6 +48,10 @@ pub struct ServiceConfig {
     pub history_retention: Duration,
     /// PEM certificates trusted beside the system roots, for private endpoints.
     pub extra_ca_file: Option<std::path::PathBuf>,
+    /// Hex key that webhook secrets are encrypted with at rest.
+    pub encryption_key: Option<String>,
+    /// Older hex keys, still accepted to decrypt secrets during a rotation.
+    pub previous_encryption_keys: Vec<String>,
 }
 
 impl ServiceConfig {
@@ -66,6 +70,8 @@ impl ServiceConfig {
             max_in_flight: 1024,
             history_retention: Duration::from_secs(30 * 86_400),
             extra_ca_file: None,
+            encryption_key: None,
+            previous_encryption_keys: Vec::new(),
         }
     }
 }
@@ -74,6 +80,22 @@ pub const DEFAULT_RETRY_SCHEDULE: &str = "10s,60s,5m";
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://citapro-webhooks.db";
 
 const MAX_DURATION_SECONDS: f64 = 86_400.0 * 3650.0;
+
+/// Builds the secret cipher from the configured keys, if a key is set.
+pub fn secret_cipher(
+    encryption_key: Option<&str>,
+    previous_keys: &[String],
+) -> anyhow::Result<Option<std::sync::Arc<crate::store::cipher::SecretCipher>>> {
+    match encryption_key.filter(|key| !key.trim().is_empty()) {
+        Some(key) => Ok(Some(std::sync::Arc::new(
+            crate::store::cipher::SecretCipher::new(key, previous_keys)?,
+        ))),
+        None if previous_keys.iter().any(|key| !key.trim().is_empty()) => {
+            anyhow::bail!("previous encryption keys are set without a current --encryption-key")
+        }
+        None => Ok(None),
+    }
+}
 
 /// Parses a duration such as `250ms`, `10s`, `5m`, `1h` or `30d`; a bare number is seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {

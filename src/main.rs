@@ -43,6 +43,17 @@ async fn main() -> anyhow::Result<()> {
             admin::create_producer_token(&database.database_url, name).await
         }
         Command::Migrate(database) => admin::migrate(&database.database_url).await,
+        Command::EncryptSecrets {
+            database,
+            encryption,
+        } => {
+            admin::encrypt_secrets(
+                &database.database_url,
+                encryption.encryption_key.as_deref(),
+                &encryption.previous_encryption_keys,
+            )
+            .await
+        }
         Command::Listen {
             port,
             secret,

@@ -127,6 +127,7 @@ fn openapi_describes_every_route() {
         "POST /v1/webhooks/{id}/recover",
         "POST /v1/events",
         "GET /healthz",
+        "GET /readyz",
         "GET /metrics",
         "GET /openapi.json",
     ];

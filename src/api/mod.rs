@@ -16,7 +16,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::DefaultBodyLimit;
 use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{FromRequestParts, MatchedPath, Path, Request};
+use axum::extract::{FromRequestParts, MatchedPath, Path, Request, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::middleware::Next;
@@ -59,6 +59,8 @@ struct StateInner {
     producer_tokens: Mutex<HashSet<String>>,
     /// Hash of the producer token given on the command line.
     configured_producer_token: Option<String>,
+    /// Encrypts new webhook secrets at rest, when a key is configured.
+    cipher: Option<std::sync::Arc<crate::store::cipher::SecretCipher>>,
 }
 
 impl AppState {
@@ -68,6 +70,13 @@ impl AppState {
         dispatcher: Option<Dispatcher>,
         delivery: DeliveryContext,
     ) -> AppState {
+        // Start-up has already checked the keys, so an error here cannot happen.
+        let cipher = crate::config::secret_cipher(
+            config.encryption_key.as_deref(),
+            &config.previous_encryption_keys,
+        )
+        .ok()
+        .flatten();
         let configured_producer_token = config
             .producer_token
             .as_deref()
@@ -82,6 +91,7 @@ impl AppState {
                 api_keys: Mutex::new(HashMap::new()),
                 producer_tokens: Mutex::new(HashSet::new()),
                 configured_producer_token,
+                cipher,
             }),
         }
     }
@@ -100,6 +110,14 @@ impl AppState {
 
     fn delivery(&self) -> &DeliveryContext {
         &self.inner.delivery
+    }
+
+    /// Returns a secret in the form it is stored in: encrypted when a key is set.
+    fn seal_secret(&self, secret: &str) -> String {
+        match &self.inner.cipher {
+            Some(cipher) => cipher.encrypt(secret),
+            None => secret.to_owned(),
+        }
     }
 }
 
@@ -138,6 +156,7 @@ pub fn router(state: AppState) -> Router {
         .merge(management)
         .merge(producer)
         .route("/healthz", get(health))
+        .route("/readyz", get(ready))
         .route("/metrics", get(render_metrics))
         .route("/openapi.json", get(openapi::serve_openapi))
         .fallback(|| async { ApiError::not_found("no such resource") })
@@ -167,6 +186,37 @@ async fn health() -> axum::Json<Value> {
     axum::Json(serde_json::json!({"status": "ok"}))
 }
 
+/// Reports whether this process can do its work: the database answers (its
+/// migrations were applied at start) and, where it runs them, the delivery
+/// workers are running. The body names no cause; the log does.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "service",
+    responses(
+        (status = 200, description = "Ready", body = Object, example = json!({"status": "ok"})),
+        (status = 503, response = openapi::ServiceUnavailable)
+    )
+)]
+async fn ready(State(state): State<AppState>) -> Response {
+    let store_ready = match state.store().ping().await {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(%error, "readiness check: the database does not answer");
+            false
+        }
+    };
+    let workers_ready = state.dispatcher().is_none_or(Dispatcher::is_running);
+    if !workers_ready {
+        tracing::warn!("readiness check: the delivery workers have stopped");
+    }
+    if store_ready && workers_ready {
+        axum::Json(serde_json::json!({"status": "ok"})).into_response()
+    } else {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the service is not ready").into_response()
+    }
+}
+
 /// Serves the Prometheus metrics of this process.
 #[utoipa::path(
     get,
@@ -179,8 +229,22 @@ async fn health() -> axum::Json<Value> {
         content_type = "text/plain"
     ))
 )]
-async fn render_metrics() -> Response {
-    let mut response = crate::metrics::metrics().render().into_response();
+async fn render_metrics(State(state): State<AppState>) -> Response {
+    let metrics = crate::metrics::metrics();
+    let now = crate::domain::clock::now_micros();
+    match state.store().queue_stats(now).await {
+        Ok(stats) => {
+            metrics.deliveries_due.set(stats.due as i64);
+            metrics.deliveries_scheduled.set(stats.scheduled as i64);
+            let oldest = stats
+                .earliest_due_at
+                .filter(|due| *due <= now)
+                .map_or(0.0, |due| (now - due) as f64 / 1e6);
+            metrics.oldest_due_age_seconds.set(oldest);
+        }
+        Err(error) => tracing::warn!(%error, "reading queue depth for metrics failed"),
+    }
+    let mut response = metrics.render().into_response();
     response.headers_mut().insert(
         axum::http::header::CONTENT_TYPE,
         axum::http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -49,6 +49,7 @@ and a path that does not exist is `404`."
         history::recover,
         events::accept_event,
         super::health,
+        super::ready,
         super::render_metrics,
         serve_openapi,
     ),
@@ -62,6 +63,7 @@ and a path that does not exist is `404`."
             PayloadTooLarge,
             UnprocessableContent,
             InternalServerError,
+            ServiceUnavailable,
         )
     ),
     modifiers(&SecuritySchemes, &Tags)
@@ -332,3 +334,9 @@ pub struct UnprocessableContent(ProblemBody<'static>);
 #[response(content_type = "application/problem+json")]
 #[allow(dead_code)]
 pub struct InternalServerError(ProblemBody<'static>);
+
+/// The service is not ready: the database does not answer, or the delivery workers stopped.
+#[derive(ToResponse)]
+#[response(content_type = "application/problem+json")]
+#[allow(dead_code)]
+pub struct ServiceUnavailable(ProblemBody<'static>);

@@ -271,9 +271,13 @@ pub async fn create_webhook(
         updated_at: now,
     };
     let secret = webhook.secret.clone();
+    let stored = Webhook {
+        secret: state.seal_secret(&secret),
+        ..webhook.clone()
+    };
     state
         .store()
-        .create_webhook(webhook.clone(), MAX_WEBHOOKS_PER_BUSINESS)
+        .create_webhook(stored, MAX_WEBHOOKS_PER_BUSINESS)
         .await?;
     tracing::info!(webhook.id = %webhook.id, business.id = %business, "webhook created");
     let mut view = WebhookView::without_secret(webhook);

@@ -120,6 +120,11 @@ impl Dispatcher {
             .send(Command::WebhookChanged { webhook_id, active });
     }
 
+    /// Tells whether the scheduler still takes work.
+    pub fn is_running(&self) -> bool {
+        !self.commands.is_closed()
+    }
+
     /// Wakes the poller, for work that became due early.
     pub fn wake(&self) {
         self.wake.notify_one();

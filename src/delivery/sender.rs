@@ -14,6 +14,7 @@ use url::Url;
 use super::retry::parse_retry_after;
 use crate::domain::destination::{DestinationPolicy, check_address, check_host};
 use crate::domain::signature::{sign_body, sign_standard};
+use crate::store::cipher::{SecretCipher, open_secret};
 use crate::store::{ErrorKind, Job};
 
 /// Response bytes read at most; the rest is never read.
@@ -102,6 +103,8 @@ pub struct Sender {
     client: reqwest::Client,
     policy: DestinationPolicy,
     timeout: Duration,
+    /// Decrypts stored secrets, when they are stored encrypted.
+    cipher: Option<Arc<SecretCipher>>,
 }
 
 impl Sender {
@@ -142,7 +145,14 @@ impl Sender {
             client: builder.build()?,
             policy,
             timeout,
+            cipher: None,
         })
+    }
+
+    /// Decrypts secrets with `cipher` before signing.
+    pub fn with_cipher(mut self, cipher: Option<Arc<SecretCipher>>) -> Sender {
+        self.cipher = cipher;
+        self
     }
 
     /// Makes one attempt of a job and returns its outcome. Never fails: every
@@ -150,9 +160,27 @@ impl Sender {
     pub async fn attempt(&self, job: &Job) -> AttemptOutcome {
         let started_at_micros = crate::domain::clock::now_micros();
         let started = Instant::now();
+        let secret = match open_secret(self.cipher.as_deref(), &job.secret) {
+            Ok(secret) => secret,
+            Err(error) => {
+                // NOTE: start-up checks that every stored secret decrypts, so
+                // this happens only when instances run with different keys.
+                // The attempt is recorded as a connection failure and retried.
+                tracing::error!(
+                    error = %format!("{error:#}"),
+                    webhook.id = %job.webhook_id,
+                    delivery.id = %job.delivery_id,
+                    "decrypting the webhook secret failed; check the encryption keys"
+                );
+                return AttemptOutcome {
+                    started_at_micros,
+                    ..failure(ErrorKind::Connect)
+                };
+            }
+        };
         let mut outcome = match self.destination_error(&job.url) {
             Some(kind) => failure(kind),
-            None => match tokio::time::timeout(self.timeout, self.post(job)).await {
+            None => match tokio::time::timeout(self.timeout, self.post(job, &secret)).await {
                 Ok(outcome) => outcome,
                 Err(_) => failure(ErrorKind::Timeout),
             },
@@ -174,8 +202,8 @@ impl Sender {
             .map(|_| ErrorKind::DestinationNotAllowed)
     }
 
-    async fn post(&self, job: &Job) -> AttemptOutcome {
-        let headers = delivery_headers(job);
+    async fn post(&self, job: &Job, secret: &str) -> AttemptOutcome {
+        let headers = delivery_headers(job, secret);
         let request = self
             .client
             .post(job.url.as_str())
@@ -229,15 +257,16 @@ fn failure(kind: ErrorKind) -> AttemptOutcome {
     }
 }
 
-/// Builds the documented headers of one attempt, signed at send time.
-pub fn delivery_headers(job: &Job) -> HeaderMap {
+/// Builds the documented headers of one attempt, signed at send time with
+/// the webhook's plain-text secret.
+pub fn delivery_headers(job: &Job, secret: &str) -> HeaderMap {
     let timestamp = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|elapsed| elapsed.as_secs() as i64)
         .unwrap_or_default();
     let delivery_id = job.delivery_id.to_string();
-    let signature = sign_body(&job.secret, &job.payload);
-    let standard = sign_standard(&job.secret, &delivery_id, timestamp, &job.payload);
+    let signature = sign_body(secret, &job.payload);
+    let standard = sign_standard(secret, &delivery_id, timestamp, &job.payload);
 
     let mut headers = HeaderMap::with_capacity(9);
     let mut put = |name: &'static str, value: String| {

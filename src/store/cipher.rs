@@ -112,6 +112,11 @@ impl SecretCipher {
     }
 }
 
+/// Tells whether a stored secret is encrypted.
+pub fn is_encrypted(stored: &str) -> bool {
+    stored.starts_with(PREFIX)
+}
+
 /// Decrypts a stored secret when a cipher is configured.
 pub fn open_secret(cipher: Option<&SecretCipher>, stored: &str) -> anyhow::Result<String> {
     match cipher {
@@ -153,11 +158,21 @@ mod tests {
     #[test]
     fn unknown_key_and_tampering_fail() {
         let sealed = SecretCipher::new(KEY_A, &[]).unwrap().encrypt("s");
-        assert!(SecretCipher::new(KEY_B, &[]).unwrap().decrypt(&sealed).is_err());
+        assert!(
+            SecretCipher::new(KEY_B, &[])
+                .unwrap()
+                .decrypt(&sealed)
+                .is_err()
+        );
         let mut tampered = sealed.clone();
         tampered.pop();
         tampered.push(if sealed.ends_with('A') { 'B' } else { 'A' });
-        assert!(SecretCipher::new(KEY_A, &[]).unwrap().decrypt(&tampered).is_err());
+        assert!(
+            SecretCipher::new(KEY_A, &[])
+                .unwrap()
+                .decrypt(&tampered)
+                .is_err()
+        );
     }
 
     #[test]

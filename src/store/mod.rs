@@ -10,6 +10,7 @@
 //!   becomes due again by itself and is never held only in memory.
 //! - Instants are microseconds since the Unix epoch; ids are UUID text.
 
+pub mod cipher;
 mod model;
 mod postgres;
 mod sqlite;
@@ -233,6 +234,31 @@ impl Store {
     /// attempts, and events that no delivery refers to. Returns the rows removed.
     pub async fn purge_history(&self, cutoff: i64, batch: usize) -> StoreResult<u64> {
         dispatch!(self, s => s.purge_history(cutoff, batch).await)
+    }
+
+    /// Lists every webhook's stored secret, as stored (plain or encrypted).
+    pub async fn webhook_secrets(&self) -> StoreResult<Vec<(Uuid, String)>> {
+        dispatch!(self, s => s.webhook_secrets().await)
+    }
+
+    /// Replaces a stored secret if it still has the value `old`.
+    pub async fn replace_webhook_secret(
+        &self,
+        id: Uuid,
+        old: String,
+        new: String,
+    ) -> StoreResult<bool> {
+        dispatch!(self, s => s.replace_webhook_secret(id, old, new).await)
+    }
+
+    /// Checks that the database answers.
+    pub async fn ping(&self) -> StoreResult<()> {
+        dispatch!(self, s => s.ping().await)
+    }
+
+    /// Counts pending deliveries, for metrics.
+    pub async fn queue_stats(&self, now: i64) -> StoreResult<QueueStats> {
+        dispatch!(self, s => s.queue_stats(now).await)
     }
 }
 

@@ -367,9 +367,19 @@ pub struct TestDelivery {
 /// News from the database that other processes caused, for the delivery workers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreSignal {
-    /// Deliveries that no process holds may be due now.
+    /// Unleased deliveries may be due now.
     Due,
     /// A webhook was changed or deleted; `active` is false when its queued
     /// jobs must be dropped.
     WebhookChanged { webhook_id: Uuid, active: bool },
+}
+
+/// How many deliveries wait, for metrics.
+#[derive(Debug, Clone, Default)]
+pub struct QueueStats {
+    /// Pending deliveries due now and not leased.
+    pub due: u64,
+    /// Pending deliveries due later: waiting for a retry, or leased.
+    pub scheduled: u64,
+    pub earliest_due_at: Option<i64>,
 }

@@ -31,7 +31,8 @@ pub const WEBHOOK_CHANNEL: &str = "citapro_webhook";
 
 /// Pool connections when the URL has no `pool_max_size` parameter.
 pub const DEFAULT_POOL_MAX_SIZE: usize = 16;
-/// The URL query parameter that sets the pool size; tokio-postgres never sees it.
+/// The URL query parameter that sets the pool size. It is removed before the
+/// URL is passed to tokio-postgres, which rejects unknown parameters.
 const POOL_MAX_SIZE_PARAMETER: &str = "pool_max_size";
 /// Time limit of one TCP connect when the URL sets no `connect_timeout`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,7 +54,7 @@ const SIGNAL_BUFFER: usize = 256;
 /// The first and the longest wait before the listener reconnects.
 const LISTEN_RETRY_MIN: Duration = Duration::from_millis(200);
 const LISTEN_RETRY_MAX: Duration = Duration::from_secs(10);
-/// How often the listener checks that its connection still answers, so a
+/// How often the listener checks that its connection still responds, so a
 /// silently dropped connection does not stop notifications for long.
 const LISTEN_HEALTH_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -366,6 +367,7 @@ impl PostgresStore {
         let mut client = self.client().await?;
         let transaction = client.transaction().await?;
         let business = webhook.business_id.to_string();
+
         // Two requests of one business could both count below the limit;
         // this lock makes the second one count after the first commits.
         execute(
@@ -374,6 +376,7 @@ impl PostgresStore {
             &[&WEBHOOK_LIMIT_LOCK_CLASS, &business],
         )
         .await?;
+
         let count: i64 = query_one(
             &transaction,
             "SELECT COUNT(*) FROM webhooks WHERE business_id = $1",
@@ -384,6 +387,7 @@ impl PostgresStore {
         if count as usize >= limit {
             return Err(StoreError::WebhookLimit(limit));
         }
+
         execute(
             &transaction,
             "INSERT INTO webhooks
@@ -449,6 +453,7 @@ impl PostgresStore {
             return Ok(None);
         };
         let webhook = webhook_from_row(&row)?;
+
         if !change.is_active {
             execute(
                 &transaction,
@@ -459,6 +464,7 @@ impl PostgresStore {
             )
             .await?;
         }
+
         let state = if change.is_active {
             WEBHOOK_ACTIVE
         } else {
@@ -482,7 +488,8 @@ impl PostgresStore {
         if deleted == 0 {
             return Ok(false);
         }
-        // Deliveries go first: an attempt being recorded holds its delivery
+
+        // Deliveries go first: an attempt being recorded locks its delivery
         // row, so this waits for it, and the attempts deleted next include
         // the one it wrote.
         let delivery_ids: Vec<String> = query(
@@ -500,6 +507,7 @@ impl PostgresStore {
             &[&delivery_ids],
         )
         .await?;
+
         notify(
             &transaction,
             WEBHOOK_CHANNEL,
@@ -676,6 +684,7 @@ impl PostgresStore {
         if !webhook_exists(&client, business_id, webhook_id).await? {
             return Ok(None);
         }
+
         let delivery_text = delivery_id.to_string();
         let row = query_opt(
             &client,
@@ -692,6 +701,7 @@ impl PostgresStore {
         };
         let delivery = delivery_from_row(&row)?;
         let payload: Vec<u8> = row.try_get(11)?;
+
         let attempts = query(
             &client,
             "SELECT number, trigger, started_at, duration_ms, status_code, error_kind,
@@ -766,6 +776,7 @@ impl PostgresStore {
         else {
             return Ok(None);
         };
+
         let event_id = Uuid::now_v7();
         let delivery_id = Uuid::now_v7();
         let event_text = event_id.to_string();
@@ -784,6 +795,7 @@ impl PostgresStore {
             ],
         )
         .await?;
+
         execute(
             &transaction,
             "INSERT INTO deliveries (id, webhook_id, event_id, event, aggregate_id, status,
@@ -800,6 +812,7 @@ impl PostgresStore {
         )
         .await?;
         transaction.commit().await?;
+
         Ok(Some(Job {
             delivery_id,
             webhook_id: test.webhook_id,
@@ -831,6 +844,7 @@ impl PostgresStore {
         if !webhook.is_active {
             return Ok(RecoveryOutcome::WebhookInactive);
         }
+
         let webhook_id = recovery.webhook_id.to_string();
         let count = if recovery.dry_run {
             let count: i64 = query_one(
@@ -854,6 +868,7 @@ impl PostgresStore {
             )
             .await?
         };
+
         if count > 0 && !recovery.dry_run {
             notify(&transaction, DUE_CHANNEL, "").await?;
         }
@@ -865,6 +880,7 @@ impl PostgresStore {
         let mut client = self.client().await?;
         let transaction = client.transaction().await?;
         let batch = batch as i64;
+
         // SKIP LOCKED lets several processes purge at once, and passes over
         // a delivery whose manual attempt is being recorded.
         let delivery_ids: Vec<String> = query(
@@ -888,6 +904,7 @@ impl PostgresStore {
             &[&delivery_ids],
         )
         .await?;
+
         let events = execute(
             &transaction,
             "DELETE FROM events WHERE id IN (
@@ -1246,7 +1263,7 @@ async fn accept_event(
             ],
         )
         .await?;
-        // Deliveries that no process holds wake the workers of every instance.
+        // Unleased deliveries wake the workers of every instance.
         if leased_by.is_none() {
             notify(transaction, DUE_CHANNEL, "").await?;
         }
@@ -1274,6 +1291,7 @@ async fn record_attempt(
     let Some(current) = current else {
         return Ok(());
     };
+
     let current = DeliveryState {
         status: current.try_get(0)?,
         due_at: current.try_get(1)?,
@@ -1284,6 +1302,7 @@ async fn record_attempt(
     };
     let update = apply_attempt(&current, attempt);
     let status_code = attempt.status_code.map(i32::from);
+
     execute(
         transaction,
         "INSERT INTO attempts (delivery_id, number, trigger, started_at, duration_ms,
@@ -1301,6 +1320,7 @@ async fn record_attempt(
         ],
     )
     .await?;
+
     execute(
         transaction,
         "UPDATE deliveries SET attempt_count = $1, last_attempt_at = $2, last_status_code = $3,
@@ -1320,6 +1340,58 @@ async fn record_attempt(
     )
     .await?;
     Ok(())
+}
+
+/// Operations for operators: encrypting secrets at rest, health and queue depth.
+impl PostgresStore {
+    pub async fn webhook_secrets(&self) -> StoreResult<Vec<(Uuid, String)>> {
+        let client = self.client().await?;
+        let rows = query(&client, "SELECT id, secret FROM webhooks ORDER BY id", &[]).await?;
+        rows.iter()
+            .map(|row| Ok((parse_uuid(row.get::<_, &str>(0))?, row.get(1))))
+            .collect()
+    }
+
+    pub async fn replace_webhook_secret(
+        &self,
+        id: Uuid,
+        old: String,
+        new: String,
+    ) -> StoreResult<bool> {
+        let client = self.client().await?;
+        let changed = execute(
+            &client,
+            "UPDATE webhooks SET secret = $1 WHERE id = $2 AND secret = $3",
+            &[&new, &id.to_string(), &old],
+        )
+        .await?;
+        Ok(changed == 1)
+    }
+
+    pub async fn ping(&self) -> StoreResult<()> {
+        let client = self.client().await?;
+        query_one(&client, "SELECT 1", &[]).await?;
+        Ok(())
+    }
+
+    pub async fn queue_stats(&self, now: i64) -> StoreResult<QueueStats> {
+        let client = self.client().await?;
+        let row = query_one(
+            &client,
+            "SELECT
+                COUNT(*) FILTER (WHERE due_at <= $1),
+                COUNT(*) FILTER (WHERE due_at > $1),
+                MIN(due_at)
+             FROM deliveries WHERE due_at IS NOT NULL",
+            &[&now],
+        )
+        .await?;
+        Ok(QueueStats {
+            due: row.get::<_, i64>(0) as u64,
+            scheduled: row.get::<_, i64>(1) as u64,
+            earliest_due_at: row.get(2),
+        })
+    }
 }
 
 #[cfg(test)]

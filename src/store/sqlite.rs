@@ -953,3 +953,63 @@ fn record_attempt(c: &Connection, attempt: &AttemptRecord) -> StoreResult<()> {
     ])?;
     Ok(())
 }
+
+/// Operations for operators: encrypting secrets at rest, health and queue depth.
+impl SqliteStore {
+    pub async fn webhook_secrets(&self) -> StoreResult<Vec<(Uuid, String)>> {
+        self.read(|c| {
+            let rows = c
+                .prepare_cached("SELECT id, secret FROM webhooks ORDER BY id")?
+                .query_map([], |row| Ok((parse_uuid(row.get(0)?)?, row.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    pub async fn replace_webhook_secret(
+        &self,
+        id: Uuid,
+        old: String,
+        new: String,
+    ) -> StoreResult<bool> {
+        self.write(move |c| {
+            let changed = c.execute(
+                "UPDATE webhooks SET secret = ?1 WHERE id = ?2 AND secret = ?3",
+                params![new, id.to_string(), old],
+            )?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    pub async fn ping(&self) -> StoreResult<()> {
+        self.read(|c| {
+            c.query_row("SELECT 1", [], |_| Ok(()))?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn queue_stats(&self, now: i64) -> StoreResult<QueueStats> {
+        self.read(move |c| {
+            let stats = c.query_row(
+                "SELECT
+                    COUNT(*) FILTER (WHERE due_at <= ?1),
+                    COUNT(*) FILTER (WHERE due_at > ?1),
+                    MIN(due_at)
+                 FROM deliveries WHERE due_at IS NOT NULL",
+                params![now],
+                |row| {
+                    Ok(QueueStats {
+                        due: row.get::<_, i64>(0)? as u64,
+                        scheduled: row.get::<_, i64>(1)? as u64,
+                        earliest_due_at: row.get(2)?,
+                    })
+                },
+            )?;
+            Ok(stats)
+        })
+        .await
+    }
+}
