@@ -396,6 +396,7 @@ async fn deactivated_during_attempt_is_not_retried() {
     let options = ServiceOptions {
         retry_schedule: vec![ms(300)],
         request_timeout: ms(1500),
+        ..ServiceOptions::default()
     };
     let (service, business, receiver, webhook) =
         endpoint_answering(Reply::Status(500), options.clone(), &["client.created"]).await;
@@ -497,6 +498,7 @@ async fn hanging_endpoint_does_not_delay_others() {
     let options = ServiceOptions {
         retry_schedule: vec![ms(200)],
         request_timeout: std::time::Duration::from_secs(10),
+        ..ServiceOptions::default()
     };
     let service = TestService::start(options.clone()).await;
     let business = service.create_business().await;

@@ -61,6 +61,8 @@ pub fn ms(millis: u64) -> Duration {
 pub struct ServiceOptions {
     pub retry_schedule: Vec<Duration>,
     pub request_timeout: Duration,
+    /// Hex key that webhook secrets are encrypted with at rest.
+    pub encryption_key: Option<String>,
 }
 
 impl Default for ServiceOptions {
@@ -68,6 +70,7 @@ impl Default for ServiceOptions {
         ServiceOptions {
             retry_schedule: vec![ms(200), ms(400)],
             request_timeout: Duration::from_secs(5),
+            encryption_key: None,
         }
     }
 }
@@ -197,6 +200,7 @@ impl TestService {
         config.producer_token = Some(producer_token.clone());
         config.retry_schedule = options.retry_schedule;
         config.request_timeout = options.request_timeout;
+        config.encryption_key = options.encryption_key;
         config.destinations = DestinationPolicy {
             allow_http: true,
             allow_private_targets: true,

@@ -5,6 +5,7 @@
 mod auth;
 mod crash;
 mod delivery;
+mod encryption;
 mod events_api;
 mod helpers;
 mod payloads;
