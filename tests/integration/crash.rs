@@ -93,6 +93,26 @@ impl ServeProcess {
         )
     }
 
+    /// Sends SIGTERM and waits for the process to exit on its own.
+    async fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("running kill -TERM");
+        assert!(status.success(), "kill -TERM failed");
+        let started = Instant::now();
+        loop {
+            if let Some(exit) = self.child.try_wait().expect("polling serve") {
+                return exit;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "serve did not exit within {DEADLINE:?} of SIGTERM"
+            );
+            tokio::time::sleep(ms(20)).await;
+        }
+    }
+
     /// Sends SIGKILL and reaps the process.
     fn kill_hard(&mut self) {
         self.child.kill().expect("sending SIGKILL to serve");
@@ -261,6 +281,85 @@ async fn in_flight_attempt_survives_kill() {
     receiver
         .assert_count_stays(2, ms(1000), "attempts after the 200")
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_mid_burst_loses_nothing() {
+    let dir = tempfile::tempdir().expect("creating a temporary folder");
+    let settings = settings(&dir, "1s", "5s").await;
+    // A short pause keeps attempts in flight when the signal arrives.
+    let receiver = TestReceiver::start_with(Reply::Delayed {
+        status: 204,
+        delay: ms(100),
+    })
+    .await;
+    let mut first_process = ServeProcess::start(&settings).await;
+    let api = first_process.api(&settings);
+    let business = api.create_business().await;
+    api.create_webhook(&business, &receiver.url, &["client.created"])
+        .await;
+
+    let accepted = Arc::new(Mutex::new(Vec::<Uuid>::new()));
+    let mut producers = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let api = api.clone();
+        let accepted = accepted.clone();
+        producers.spawn(async move {
+            for _ in 0..20 {
+                let aggregate = Uuid::new_v4();
+                let body = event_body(
+                    "client.created",
+                    business.id,
+                    aggregate,
+                    r#"{"firstname":"Zoë"}"#,
+                    None,
+                );
+                match api.try_send_event(&body).await {
+                    Some(202) => accepted.lock().expect("accepted lock").push(aggregate),
+                    Some(_) => {}
+                    // The server has stopped taking connections.
+                    None => return,
+                }
+            }
+        });
+    }
+    let started = Instant::now();
+    while accepted.lock().expect("accepted lock").len() < 100 {
+        assert!(started.elapsed() < DEADLINE, "the burst did not start");
+        tokio::time::sleep(ms(5)).await;
+    }
+    let exit = first_process.terminate().await;
+    assert!(exit.success(), "serve exits cleanly on SIGTERM: {exit:?}");
+    while producers.join_next().await.is_some() {}
+
+    let accepted = accepted.lock().expect("accepted lock").clone();
+    let _second_process = ServeProcess::start(&settings).await;
+    let requests = receiver.wait_for_requests(accepted.len()).await;
+    receiver
+        .assert_count_stays(accepted.len(), ms(1500), "deliveries after the restart")
+        .await;
+
+    let mut delivery_ids: Vec<&str> = requests.iter().map(|r| r.delivery_id()).collect();
+    delivery_ids.sort_unstable();
+    delivery_ids.dedup();
+    assert_eq!(
+        delivery_ids.len(),
+        accepted.len(),
+        "each delivery arrived once"
+    );
+    let mut received: Vec<String> = requests
+        .iter()
+        .map(|r| {
+            r.json()["aggregate_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    received.sort_unstable();
+    let mut expected: Vec<String> = accepted.iter().map(Uuid::to_string).collect();
+    expected.sort_unstable();
+    assert_eq!(received, expected, "every accepted event was delivered");
 }
 
 #[test]

@@ -262,6 +262,7 @@ impl Drop for TestService {
 
 /// A client of one running service's API, with its producer token and the
 /// database URL that the command line needs to create API keys.
+#[derive(Clone)]
 pub struct ApiClient {
     pub base_url: String,
     pub database_url: String,
@@ -449,6 +450,21 @@ impl ApiClient {
         .await
     }
 
+    /// Sends an event and returns the response status, or `None` when the
+    /// request got no response (the server is gone or going).
+    pub async fn try_send_event(&self, body: &str) -> Option<u16> {
+        let response = self
+            .client
+            .post(format!("{}/v1/events", self.base_url))
+            .bearer_auth(&self.producer_token)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .ok()?;
+        Some(response.status().as_u16())
+    }
+
     /// Sends an event, asserts the `202` and returns the response body.
     pub async fn accept_event(&self, body: &str) -> Value {
         let response = self.send_event(body).await;
@@ -556,6 +572,11 @@ pub enum Reply {
     },
     /// No response at all, so the sender's attempt stays in flight.
     Hang,
+    /// A status after a pause, so attempts are in flight for a while.
+    Delayed {
+        status: u16,
+        delay: Duration,
+    },
 }
 
 /// A request as a [`TestReceiver`] received it.
@@ -740,6 +761,10 @@ async fn record_request(
         )
             .into_response(),
         Reply::Hang => std::future::pending::<Response>().await,
+        Reply::Delayed { status, delay } => {
+            tokio::time::sleep(delay).await;
+            status_code(status).into_response()
+        }
     }
 }
 
