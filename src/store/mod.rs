@@ -58,13 +58,18 @@ pub enum Store {
     Postgres(PostgresStore),
 }
 
+/// Runs one store operation on whichever backend is open and records its
+/// duration under the operation's name.
 macro_rules! dispatch {
-    ($self:ident, $store:ident => $call:expr) => {
-        match $self {
+    ($self:ident, $operation:literal, $store:ident => $call:expr) => {{
+        let started = std::time::Instant::now();
+        let result = match $self {
             Store::Sqlite($store) => $call,
             Store::Postgres($store) => $call,
-        }
-    };
+        };
+        crate::metrics::metrics().observe_store($operation, started.elapsed());
+        result
+    }};
 }
 
 impl Store {
@@ -113,63 +118,63 @@ impl Store {
     /// Takes over every lease, for a store that only this process uses.
     /// Never call it on PostgreSQL while other processes may hold leases.
     pub async fn release_all_leases(&self, now: i64) -> StoreResult<u64> {
-        dispatch!(self, s => s.release_all_leases(now).await)
+        dispatch!(self, "release_all_leases", s => s.release_all_leases(now).await)
     }
 
     pub async fn insert_api_key(&self, business_id: Uuid, key_hash: String) -> StoreResult<()> {
-        dispatch!(self, s => s.insert_api_key(business_id, key_hash).await)
+        dispatch!(self, "insert_api_key", s => s.insert_api_key(business_id, key_hash).await)
     }
 
     pub async fn find_api_key(&self, key_hash: String) -> StoreResult<Option<Uuid>> {
-        dispatch!(self, s => s.find_api_key(key_hash).await)
+        dispatch!(self, "find_api_key", s => s.find_api_key(key_hash).await)
     }
 
     pub async fn insert_producer_token(&self, name: String, token_hash: String) -> StoreResult<()> {
-        dispatch!(self, s => s.insert_producer_token(name, token_hash).await)
+        dispatch!(self, "insert_producer_token", s => s.insert_producer_token(name, token_hash).await)
     }
 
     pub async fn producer_token_exists(&self, token_hash: String) -> StoreResult<bool> {
-        dispatch!(self, s => s.producer_token_exists(token_hash).await)
+        dispatch!(self, "producer_token_exists", s => s.producer_token_exists(token_hash).await)
     }
 
     /// Stores a new webhook unless its business already has `limit` of them.
     pub async fn create_webhook(&self, webhook: Webhook, limit: usize) -> StoreResult<()> {
-        dispatch!(self, s => s.create_webhook(webhook, limit).await)
+        dispatch!(self, "create_webhook", s => s.create_webhook(webhook, limit).await)
     }
 
     /// Lists a business's webhooks, newest first.
     pub async fn list_webhooks(&self, business_id: Uuid) -> StoreResult<Vec<Webhook>> {
-        dispatch!(self, s => s.list_webhooks(business_id).await)
+        dispatch!(self, "list_webhooks", s => s.list_webhooks(business_id).await)
     }
 
     pub async fn get_webhook(&self, business_id: Uuid, id: Uuid) -> StoreResult<Option<Webhook>> {
-        dispatch!(self, s => s.get_webhook(business_id, id).await)
+        dispatch!(self, "get_webhook", s => s.get_webhook(business_id, id).await)
     }
 
     /// Replaces a webhook's settings. Deactivating it cancels its pending deliveries.
     pub async fn update_webhook(&self, change: WebhookChange) -> StoreResult<Option<Webhook>> {
-        dispatch!(self, s => s.update_webhook(change).await)
+        dispatch!(self, "update_webhook", s => s.update_webhook(change).await)
     }
 
     /// Deletes a webhook with its deliveries and attempts. Returns whether it existed.
     pub async fn delete_webhook(&self, business_id: Uuid, id: Uuid) -> StoreResult<bool> {
-        dispatch!(self, s => s.delete_webhook(business_id, id).await)
+        dispatch!(self, "delete_webhook", s => s.delete_webhook(business_id, id).await)
     }
 
     /// Stores an event and one delivery per subscribed active webhook, atomically.
     pub async fn accept_event(&self, event: NewEvent) -> StoreResult<AcceptedEvent> {
-        dispatch!(self, s => s.accept_event(event).await)
+        dispatch!(self, "accept_event", s => s.accept_event(event).await)
     }
 
     /// Leases up to `limit` due deliveries to `owner` until `lease_until`,
     /// skipping the webhooks in `skip_webhooks`.
     pub async fn claim_due(&self, claim: Claim) -> StoreResult<Vec<Job>> {
-        dispatch!(self, s => s.claim_due(claim).await)
+        dispatch!(self, "claim_due", s => s.claim_due(claim).await)
     }
 
     /// Returns the earliest `due_at` of any delivery.
     pub async fn next_due_at(&self) -> StoreResult<Option<i64>> {
-        dispatch!(self, s => s.next_due_at().await)
+        dispatch!(self, "next_due_at", s => s.next_due_at().await)
     }
 
     /// Extends a lease that `owner` still holds. Returns false if it was taken over.
@@ -179,17 +184,17 @@ impl Store {
         owner: String,
         until: i64,
     ) -> StoreResult<bool> {
-        dispatch!(self, s => s.renew_lease(delivery_id, owner, until).await)
+        dispatch!(self, "renew_lease", s => s.renew_lease(delivery_id, owner, until).await)
     }
 
     /// Gives leased deliveries back, due at once, so any worker may take them.
     pub async fn release_leases(&self, delivery_ids: Vec<Uuid>, owner: String) -> StoreResult<()> {
-        dispatch!(self, s => s.release_leases(delivery_ids, owner).await)
+        dispatch!(self, "release_leases", s => s.release_leases(delivery_ids, owner).await)
     }
 
     /// Records one attempt and moves its delivery to its next state.
     pub async fn record_attempt(&self, attempt: AttemptRecord) -> StoreResult<()> {
-        dispatch!(self, s => s.record_attempt(attempt).await)
+        dispatch!(self, "record_attempt", s => s.record_attempt(attempt).await)
     }
 
     /// Lists a page of a webhook's deliveries, or `None` if the business has no such webhook.
@@ -197,7 +202,7 @@ impl Store {
         &self,
         query: DeliveryQuery,
     ) -> StoreResult<Option<Vec<Delivery>>> {
-        dispatch!(self, s => s.list_deliveries(query).await)
+        dispatch!(self, "list_deliveries", s => s.list_deliveries(query).await)
     }
 
     /// Reads one delivery with its payload and attempts.
@@ -207,7 +212,7 @@ impl Store {
         webhook_id: Uuid,
         delivery_id: Uuid,
     ) -> StoreResult<Option<DeliveryDetail>> {
-        dispatch!(self, s => s.get_delivery(business_id, webhook_id, delivery_id).await)
+        dispatch!(self, "get_delivery", s => s.get_delivery(business_id, webhook_id, delivery_id).await)
     }
 
     /// Builds a manual attempt of an existing delivery.
@@ -217,28 +222,28 @@ impl Store {
         webhook_id: Uuid,
         delivery_id: Uuid,
     ) -> StoreResult<Option<Job>> {
-        dispatch!(self, s => s.manual_job(business_id, webhook_id, delivery_id).await)
+        dispatch!(self, "manual_job", s => s.manual_job(business_id, webhook_id, delivery_id).await)
     }
 
     /// Stores a `webhook.ping` event and delivery for a webhook, ready to send.
     pub async fn create_test_delivery(&self, test: TestDelivery) -> StoreResult<Option<Job>> {
-        dispatch!(self, s => s.create_test_delivery(test).await)
+        dispatch!(self, "create_test_delivery", s => s.create_test_delivery(test).await)
     }
 
     /// Requeues (or with `dry_run` counts) failed and cancelled deliveries in a window.
     pub async fn recover(&self, recovery: Recovery) -> StoreResult<RecoveryOutcome> {
-        dispatch!(self, s => s.recover(recovery).await)
+        dispatch!(self, "recover", s => s.recover(recovery).await)
     }
 
     /// Deletes up to `batch` finished deliveries created before `cutoff`, their
     /// attempts, and events that no delivery refers to. Returns the rows removed.
     pub async fn purge_history(&self, cutoff: i64, batch: usize) -> StoreResult<u64> {
-        dispatch!(self, s => s.purge_history(cutoff, batch).await)
+        dispatch!(self, "purge_history", s => s.purge_history(cutoff, batch).await)
     }
 
     /// Lists every webhook's stored secret, as stored (plain or encrypted).
     pub async fn webhook_secrets(&self) -> StoreResult<Vec<(Uuid, String)>> {
-        dispatch!(self, s => s.webhook_secrets().await)
+        dispatch!(self, "webhook_secrets", s => s.webhook_secrets().await)
     }
 
     /// Replaces a stored secret if it still has the value `old`.
@@ -248,17 +253,17 @@ impl Store {
         old: String,
         new: String,
     ) -> StoreResult<bool> {
-        dispatch!(self, s => s.replace_webhook_secret(id, old, new).await)
+        dispatch!(self, "replace_webhook_secret", s => s.replace_webhook_secret(id, old, new).await)
     }
 
     /// Checks that the database answers.
     pub async fn ping(&self) -> StoreResult<()> {
-        dispatch!(self, s => s.ping().await)
+        dispatch!(self, "ping", s => s.ping().await)
     }
 
     /// Counts pending deliveries, for metrics.
     pub async fn queue_stats(&self, now: i64) -> StoreResult<QueueStats> {
-        dispatch!(self, s => s.queue_stats(now).await)
+        dispatch!(self, "queue_stats", s => s.queue_stats(now).await)
     }
 }
 

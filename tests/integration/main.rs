@@ -8,5 +8,6 @@ mod delivery;
 mod encryption;
 mod events_api;
 mod helpers;
+mod operations;
 mod payloads;
 mod webhooks_api;

@@ -1,0 +1,63 @@
+//! What operators read: health, readiness and Prometheus metrics.
+
+use uuid::Uuid;
+
+use crate::helpers::{Reply, ServiceOptions, TestReceiver, TestService, event_body};
+
+#[tokio::test]
+async fn health_and_readiness_answer_ok() {
+    let service = TestService::start(ServiceOptions::default()).await;
+    for path in ["/healthz", "/readyz"] {
+        let response = service.call(reqwest::Method::GET, path, None, None).await;
+        assert_eq!(response.status, 200, "{path}");
+        assert_eq!(response.json()["status"], "ok", "{path}");
+    }
+}
+
+#[tokio::test]
+async fn metrics_count_events_and_attempts() {
+    let service = TestService::start(ServiceOptions::default()).await;
+    let business = service.create_business().await;
+    let receiver = TestReceiver::start_with(Reply::Status(503)).await;
+    service
+        .create_webhook(&business, &receiver.url, &["person.deleted"])
+        .await;
+    service
+        .accept_event(&event_body(
+            "person.deleted",
+            business.id,
+            Uuid::new_v4(),
+            r#"{"firstName":"Ana"}"#,
+            None,
+        ))
+        .await;
+    receiver.wait_for_requests(1).await;
+
+    // Attempts are recorded just after the receiver answers.
+    let mut text = String::new();
+    for _ in 0..50 {
+        let response = service
+            .call(reqwest::Method::GET, "/metrics", None, None)
+            .await;
+        assert_eq!(response.status, 200);
+        assert!(response.content_type().starts_with("text/plain"));
+        text = response.text();
+        if text.contains(r#"status_class="5xx""#) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        text.contains(r#"citapro_events_accepted_total{event="person.deleted"}"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"citapro_attempts_total{status_class="5xx",error_kind="http_status",trigger="automatic"}"#),
+        "{text}"
+    );
+    assert!(text.contains("citapro_deliveries_scheduled "), "{text}");
+    assert!(
+        text.contains("citapro_store_operation_duration_seconds"),
+        "{text}"
+    );
+}
