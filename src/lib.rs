@@ -6,7 +6,7 @@
 //!
 //! # Layout
 //! - [`domain`]: the event catalogue, `changes`, payloads, signatures, URL rules.
-//! - [`store`]: the database interface and its SQLite backend.
+//! - [`store`]: the database interface and its SQLite and PostgreSQL backends.
 //! - [`delivery`]: leasing due deliveries, the per-endpoint scheduler, HTTP attempts.
 //! - [`api`]: the HTTP API and its problem+json errors.
 //! - [`app`]: start-up and shutdown of `serve`; [`cli`], [`admin`] and [`devtools`]:

@@ -161,19 +161,19 @@ async fn count_rows(schema: &TestSchema, table: &str) -> i64 {
 /// schemas of the same database send on the same channels).
 async fn expect_signal(
     signals: &mut mpsc::Receiver<StoreSignal>,
-    wanted: impl Fn(&StoreSignal) -> bool,
-    what: &str,
+    matches: impl Fn(&StoreSignal) -> bool,
+    description: &str,
 ) {
     let found = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(signal) = signals.recv().await {
-            if wanted(&signal) {
+            if matches(&signal) {
                 return true;
             }
         }
         false
     })
     .await;
-    assert_eq!(found, Ok(true), "no {what} signal arrived");
+    assert_eq!(found, Ok(true), "no {description} signal arrived");
 }
 
 /// Subscribes and waits for the signal sent on connect, so the listener is
@@ -1151,4 +1151,65 @@ async fn passwords_stay_out_of_errors() {
     let message = format!("{error:#}");
     assert!(!message.contains("hunter2"), "{message}");
     assert!(message.contains("REDACTED"), "{message}");
+}
+
+#[tokio::test]
+async fn listener_reconnects_after_connection_loss() {
+    let Some(schema) = TestSchema::create("listener_reconnects_after_connection_loss").await else {
+        return;
+    };
+    let store = open(&schema).await;
+    let business = Uuid::new_v4();
+    add_webhook(&store, business, &["booking.created"], true).await;
+    let mut signals = listening(&open(&schema).await).await;
+
+    let admin = schema.client().await;
+    let listening_backends = "SELECT pid FROM pg_stat_activity
+         WHERE application_name = $1 AND query LIKE 'LISTEN%'";
+    let before: Vec<i32> = admin
+        .query(listening_backends, &[&schema.name])
+        .await
+        .expect("finding the listener's backend")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(before.len(), 1, "one listening connection");
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&before[0]])
+        .await
+        .expect("ending the listener's connection");
+
+    // The listener announces due work after it reconnects, because
+    // notifications sent while it was away are lost.
+    expect_signal(
+        &mut signals,
+        |signal| *signal == StoreSignal::Due,
+        "reconnect",
+    )
+    .await;
+    let after: Vec<i32> = admin
+        .query(listening_backends, &[&schema.name])
+        .await
+        .expect("finding the listener's backend")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        after.len(),
+        1,
+        "one listening connection after the reconnect"
+    );
+    assert_ne!(after[0], before[0], "the listener uses a new connection");
+
+    while signals.try_recv().is_ok() {}
+    store
+        .accept_event(EventSpec::created(business).build())
+        .await
+        .expect("accepting");
+    expect_signal(
+        &mut signals,
+        |signal| *signal == StoreSignal::Due,
+        "due after reconnect",
+    )
+    .await;
 }

@@ -2,7 +2,7 @@
 //! processes of the real binary, and a receiver that records deliveries.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -27,7 +27,7 @@ const REQUIRE_VARIABLE: &str = "CITAPRO_REQUIRE_POSTGRES";
 /// tests running side by side stay below the server's `max_connections`.
 const TEST_POOL_MAX_SIZE: usize = 4;
 
-/// The longest a test waits for something that should happen promptly.
+/// Maximum wait for something that should happen promptly.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
@@ -73,7 +73,7 @@ impl TestSchema {
         .await;
         let admin = match connected {
             Ok(Ok(client)) => client,
-            Ok(Err(error)) => return skip(test, &server_url, &error.to_string()),
+            Ok(Err(error)) => return skip(test, &server_url, &error_chain(&error)),
             Err(_) => return skip(test, &server_url, "connecting timed out"),
         };
         let name = format!("t_{}", &Uuid::new_v4().simple().to_string()[..16]);
@@ -112,11 +112,24 @@ fn skip<T>(test: &str, server_url: &str, reason: &str) -> Option<T> {
     if std::env::var(REQUIRE_VARIABLE).is_ok_and(|value| value == "1") {
         panic!("PostgreSQL at {server_url} is not reachable ({reason}), and {REQUIRE_VARIABLE}=1");
     }
-    eprintln!(
+    // Written past the test harness's output capture, which hides the
+    // output of passing tests.
+    let _ = writeln!(
+        std::io::stderr(),
         "SKIPPED {test}: PostgreSQL at {server_url} is not reachable ({reason}); \
          set {REQUIRE_VARIABLE}=1 to fail instead"
     );
     None
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }
 
 impl Drop for TestSchema {
@@ -156,8 +169,8 @@ impl Drop for TestSchema {
     }
 }
 
-/// Polls `check` until it returns `Some`, or panics with `what` after [`DEADLINE`].
-pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+/// Polls `check` until it returns `Some`, or panics with `description` after [`DEADLINE`].
+pub async fn wait_for<T, F, Fut>(description: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -169,7 +182,7 @@ where
         }
         assert!(
             started.elapsed() < DEADLINE,
-            "timed out after {DEADLINE:?} waiting for {what}"
+            "timed out after {DEADLINE:?} waiting for {description}"
         );
         tokio::time::sleep(POLL_INTERVAL).await;
     }
@@ -397,13 +410,13 @@ pub async fn send_event(base_url: &str, producer_token: &str, business: Uuid) ->
     body
 }
 
-/// How the receiver answers one request.
+/// The receiver's response to one request.
 #[derive(Debug, Clone, Copy)]
 pub enum Reply {
     Status(u16),
-    /// Waits this long, then answers with the status.
+    /// Waits this long, then responds with the status.
     DelayedStatus(Duration, u16),
-    /// Never answers; the request stays in flight until the sender drops it.
+    /// Never responds, so the request stays in flight until the sender drops it.
     Hang,
 }
 
@@ -425,7 +438,7 @@ struct ReceiverState {
     overlaps: Vec<String>,
 }
 
-/// An HTTP server on 127.0.0.1 that records deliveries and answers by policy.
+/// An HTTP server on 127.0.0.1 that records deliveries and responds by policy.
 pub struct Receiver {
     pub url: String,
     state: Arc<Mutex<ReceiverState>>,
