@@ -192,6 +192,11 @@ impl Store {
         dispatch!(self, "release_leases", s => s.release_leases(delivery_ids, owner).await)
     }
 
+    /// Records attempts in order, in one transaction.
+    pub async fn record_attempts(&self, attempts: Vec<AttemptRecord>) -> StoreResult<()> {
+        dispatch!(self, "record_attempts", s => s.record_attempts(attempts).await)
+    }
+
     /// Records one attempt and moves its delivery to its next state.
     pub async fn record_attempt(&self, attempt: AttemptRecord) -> StoreResult<()> {
         dispatch!(self, "record_attempt", s => s.record_attempt(attempt).await)

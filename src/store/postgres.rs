@@ -7,6 +7,7 @@
 //! webhook changes on [`WEBHOOK_CHANNEL`]. PostgreSQL delivers a notification
 //! only when its transaction commits.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -624,6 +625,102 @@ impl PostgresStore {
         Ok(())
     }
 
+    /// Records attempts in one transaction with four round trips, whatever
+    /// their number: lock the deliveries, apply the attempts in order in
+    /// memory, then write the attempts and the new states with `UNNEST`.
+    pub async fn record_attempts(&self, attempts: Vec<AttemptRecord>) -> StoreResult<()> {
+        if attempts.is_empty() {
+            return Ok(());
+        }
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await?;
+        let mut ids: Vec<String> = attempts.iter().map(|a| a.delivery_id.to_string()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        // Locking in id order keeps two batches from deadlocking.
+        let rows = query(
+            &transaction,
+            "SELECT id, status, due_at, attempt_count, auto_attempts, leased_by, next_attempt_at
+             FROM deliveries WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            &[&ids],
+        )
+        .await?;
+        let mut states: HashMap<String, (DeliveryState, i64, Option<i32>)> = HashMap::new();
+        for row in &rows {
+            let state = DeliveryState {
+                status: row.try_get(1)?,
+                due_at: row.try_get(2)?,
+                attempt_count: row.try_get(3)?,
+                auto_attempts: row.try_get(4)?,
+                leased_by: row.try_get(5)?,
+                next_attempt_at: row.try_get(6)?,
+            };
+            states.insert(row.try_get(0)?, (state, 0, None));
+        }
+
+        let mut rows = AttemptRows::default();
+        for attempt in &attempts {
+            let id = attempt.delivery_id.to_string();
+            // A delivery deleted with its webhook while the attempt ran.
+            let Some((state, last_attempt_at, last_status_code)) = states.get_mut(&id) else {
+                continue;
+            };
+            *state = apply_attempt(state, attempt);
+            *last_attempt_at = attempt.started_at;
+            *last_status_code = attempt.status_code.map(i32::from);
+            rows.push(id, state.attempt_count, attempt);
+        }
+        execute(
+            &transaction,
+            "INSERT INTO attempts (delivery_id, number, trigger, started_at, duration_ms,
+                status_code, error_kind, response_body)
+             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bigint[],
+                $5::bigint[], $6::int[], $7::text[], $8::text[])",
+            &[
+                &rows.delivery_ids,
+                &rows.numbers,
+                &rows.triggers,
+                &rows.started_at,
+                &rows.duration_ms,
+                &rows.status_codes,
+                &rows.error_kinds,
+                &rows.response_bodies,
+            ],
+        )
+        .await?;
+
+        let mut update = DeliveryRows::default();
+        for (id, (state, last_attempt_at, last_status_code)) in states {
+            update.push(id, state, last_attempt_at, last_status_code);
+        }
+        execute(
+            &transaction,
+            "UPDATE deliveries d SET attempt_count = u.attempt_count,
+                auto_attempts = u.auto_attempts, last_attempt_at = u.last_attempt_at,
+                last_status_code = u.last_status_code, status = u.status, due_at = u.due_at,
+                next_attempt_at = u.next_attempt_at, leased_by = u.leased_by
+             FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::int[],
+                $6::text[], $7::bigint[], $8::bigint[], $9::text[])
+                AS u(id, attempt_count, auto_attempts, last_attempt_at, last_status_code,
+                     status, due_at, next_attempt_at, leased_by)
+             WHERE d.id = u.id",
+            &[
+                &update.ids,
+                &update.attempt_counts,
+                &update.auto_attempts,
+                &update.last_attempt_at,
+                &update.last_status_codes,
+                &update.statuses,
+                &update.due_at,
+                &update.next_attempt_at,
+                &update.leased_by,
+            ],
+        )
+        .await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
     pub async fn record_attempt(&self, attempt: AttemptRecord) -> StoreResult<()> {
         let mut client = self.client().await?;
         let transaction = client.transaction().await?;
@@ -680,7 +777,14 @@ impl PostgresStore {
         webhook_id: Uuid,
         delivery_id: Uuid,
     ) -> StoreResult<Option<DeliveryDetail>> {
-        let client = self.client().await?;
+        let mut client = self.client().await?;
+        // One snapshot, so the delivery's counters and its attempts agree.
+        let client = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
         if !webhook_exists(&client, business_id, webhook_id).await? {
             return Ok(None);
         }
@@ -1340,6 +1444,61 @@ async fn record_attempt(
     )
     .await?;
     Ok(())
+}
+
+/// Columns of attempt rows, for one `INSERT … SELECT * FROM UNNEST`.
+#[derive(Default)]
+struct AttemptRows {
+    delivery_ids: Vec<String>,
+    numbers: Vec<i64>,
+    triggers: Vec<&'static str>,
+    started_at: Vec<i64>,
+    duration_ms: Vec<i64>,
+    status_codes: Vec<Option<i32>>,
+    error_kinds: Vec<Option<&'static str>>,
+    response_bodies: Vec<Option<String>>,
+}
+
+impl AttemptRows {
+    fn push(&mut self, delivery_id: String, number: i64, attempt: &AttemptRecord) {
+        self.delivery_ids.push(delivery_id);
+        self.numbers.push(number);
+        self.triggers.push(attempt.trigger.as_str());
+        self.started_at.push(attempt.started_at);
+        self.duration_ms.push(attempt.duration_ms);
+        self.status_codes.push(attempt.status_code.map(i32::from));
+        self.error_kinds
+            .push(attempt.error_kind.map(ErrorKind::as_str));
+        self.response_bodies.push(attempt.response_body.clone());
+    }
+}
+
+/// Columns of new delivery states, for one `UPDATE … FROM UNNEST`.
+#[derive(Default)]
+struct DeliveryRows {
+    ids: Vec<String>,
+    attempt_counts: Vec<i64>,
+    auto_attempts: Vec<i64>,
+    last_attempt_at: Vec<i64>,
+    last_status_codes: Vec<Option<i32>>,
+    statuses: Vec<String>,
+    due_at: Vec<Option<i64>>,
+    next_attempt_at: Vec<Option<i64>>,
+    leased_by: Vec<Option<String>>,
+}
+
+impl DeliveryRows {
+    fn push(&mut self, id: String, state: DeliveryState, last_attempt_at: i64, code: Option<i32>) {
+        self.ids.push(id);
+        self.attempt_counts.push(state.attempt_count);
+        self.auto_attempts.push(state.auto_attempts);
+        self.last_attempt_at.push(last_attempt_at);
+        self.last_status_codes.push(code);
+        self.statuses.push(state.status);
+        self.due_at.push(state.due_at);
+        self.next_attempt_at.push(state.next_attempt_at);
+        self.leased_by.push(state.leased_by);
+    }
 }
 
 /// Operations for operators: encrypting secrets at rest, health and queue depth.

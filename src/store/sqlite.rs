@@ -24,6 +24,8 @@ use crate::domain::payload::{PING_EVENT, build_payload};
 
 /// Writes taken into one transaction at most.
 const MAX_BATCH: usize = 512;
+/// The wait between two WAL checkpoints.
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 /// Reader connections kept open.
 const READERS: usize = 4;
 
@@ -88,17 +90,25 @@ impl SqliteStore {
             .map(|_| open_connection(&path))
             .collect::<Result<Vec<_>, _>>()?;
 
+        // Checkpoints run on a thread of their own, so commits never wait
+        // for the WAL to be copied back into the database file.
+        writer.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let checkpointer = open_connection(&path)?;
+
         let (sender, receiver) = mpsc::channel::<WriteOp>();
         std::thread::Builder::new()
             .name("sqlite-writer".to_owned())
             .spawn(move || run_writer(writer, receiver))?;
-        Ok(SqliteStore {
-            inner: Arc::new(Inner {
-                writer: sender,
-                readers: Mutex::new(readers),
-                path,
-            }),
-        })
+        let inner = Arc::new(Inner {
+            writer: sender,
+            readers: Mutex::new(readers),
+            path,
+        });
+        let watched = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("sqlite-checkpoint".to_owned())
+            .spawn(move || run_checkpoints(checkpointer, watched))?;
+        Ok(SqliteStore { inner })
     }
 
     /// Runs `f` inside the writer's next transaction and returns after commit.
@@ -323,8 +333,15 @@ impl SqliteStore {
         self.write(move |c| accept_event(c, event)).await
     }
 
+    /// Finds due work on a reader, so the scan never holds up the writer,
+    /// then leases what is still due in one write.
     pub async fn claim_due(&self, claim: Claim) -> StoreResult<Vec<Job>> {
-        self.write(move |c| claim_due(c, &claim)).await
+        let lookup = claim.clone();
+        let found = self.read(move |c| find_due(c, &lookup)).await?;
+        if found.is_empty() {
+            return Ok(found);
+        }
+        self.write(move |c| lease_found(c, &claim, found)).await
     }
 
     pub async fn next_due_at(&self) -> StoreResult<Option<i64>> {
@@ -373,6 +390,16 @@ impl SqliteStore {
         self.write(move |c| record_attempt(c, &attempt)).await
     }
 
+    pub async fn record_attempts(&self, attempts: Vec<AttemptRecord>) -> StoreResult<()> {
+        self.write(move |c| {
+            for attempt in &attempts {
+                record_attempt(c, attempt)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     pub async fn list_deliveries(
         &self,
         query: DeliveryQuery,
@@ -417,6 +444,10 @@ impl SqliteStore {
         delivery_id: Uuid,
     ) -> StoreResult<Option<DeliveryDetail>> {
         self.read(move |c| {
+            // One read transaction, so the delivery's counters and its
+            // attempts come from the same snapshot.
+            let snapshot = c.unchecked_transaction()?;
+            let c: &Connection = &snapshot;
             if !webhook_exists(c, business_id, webhook_id)? {
                 return Ok(None);
             }
@@ -647,6 +678,21 @@ fn webhook_exists(c: &Connection, business_id: Uuid, webhook_id: Uuid) -> StoreR
     Ok(found)
 }
 
+/// Copies the WAL back into the database file every interval, without
+/// blocking the writer, until the store is dropped.
+fn run_checkpoints(connection: Connection, store: std::sync::Weak<Inner>) {
+    while store.strong_count() > 0 {
+        std::thread::sleep(CHECKPOINT_INTERVAL);
+        let result: rusqlite::Result<(i64, i64, i64)> =
+            connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            });
+        if let Err(error) = result {
+            tracing::warn!(%error, "SQLite checkpoint failed");
+        }
+    }
+}
+
 /// Runs the writer loop until every sender is gone.
 fn run_writer(connection: Connection, receiver: mpsc::Receiver<WriteOp>) {
     while let Ok(first) = receiver.recv() {
@@ -661,36 +707,43 @@ fn run_writer(connection: Connection, receiver: mpsc::Receiver<WriteOp>) {
     }
 }
 
+/// Runs a prepared, cached statement that takes no parameters.
+fn run_cached(connection: &Connection, sql: &str) -> Result<(), String> {
+    connection
+        .prepare_cached(sql)
+        .and_then(|mut statement| statement.execute([]))
+        .map(|_| ())
+        .map_err(|error| error.to_string())
+}
+
 fn run_batch(connection: &Connection, batch: Vec<WriteOp>) {
-    let began = connection
-        .execute_batch("BEGIN IMMEDIATE")
-        .map_err(|error| error.to_string());
+    let began = run_cached(connection, "BEGIN IMMEDIATE");
     let mut completions = Vec::with_capacity(batch.len());
     for op in batch {
         if began.is_err() {
             completions.push(op(None).1);
             continue;
         }
-        if let Err(error) = connection.execute_batch("SAVEPOINT write_op") {
+        if let Err(error) = run_cached(connection, "SAVEPOINT write_op") {
             tracing::error!(%error, "SQLite savepoint failed");
             completions.push(op(None).1);
             continue;
         }
         let (ok, completion) = op(Some(connection));
-        let end = if ok {
-            "RELEASE write_op"
+        let ended = if ok {
+            run_cached(connection, "RELEASE write_op")
         } else {
-            "ROLLBACK TO write_op; RELEASE write_op"
+            run_cached(connection, "ROLLBACK TO write_op")
+                .and_then(|()| run_cached(connection, "RELEASE write_op"))
         };
-        if let Err(error) = connection.execute_batch(end) {
+        if let Err(error) = ended {
             tracing::error!(%error, "SQLite savepoint release failed");
         }
         completions.push(completion);
     }
     let committed = began.and_then(|()| {
-        connection.execute_batch("COMMIT").map_err(|error| {
+        run_cached(connection, "COMMIT").inspect_err(|_| {
             let _ = connection.execute_batch("ROLLBACK");
-            error.to_string()
         })
     });
     if let Err(error) = &committed {
@@ -851,7 +904,8 @@ fn accept_event(c: &Connection, event: NewEvent) -> StoreResult<AcceptedEvent> {
     })
 }
 
-fn claim_due(c: &Connection, claim: &Claim) -> StoreResult<Vec<Job>> {
+/// Finds due deliveries, oldest first, on a reader connection.
+fn find_due(c: &Connection, claim: &Claim) -> StoreResult<Vec<Job>> {
     let skip = serde_json::to_string(
         &claim
             .skip_webhooks
@@ -885,16 +939,29 @@ fn claim_due(c: &Connection, claim: &Claim) -> StoreResult<Vec<Job>> {
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
-    let mut lease =
-        c.prepare_cached("UPDATE deliveries SET due_at = ?1, leased_by = ?2 WHERE id = ?3")?;
-    for job in &jobs {
-        lease.execute(params![
+    Ok(jobs)
+}
+
+/// Leases the found deliveries that are still due, on the writer, and
+/// returns those. A delivery leased or finished since it was found is dropped.
+fn lease_found(c: &Connection, claim: &Claim, found: Vec<Job>) -> StoreResult<Vec<Job>> {
+    let mut lease = c.prepare_cached(
+        "UPDATE deliveries SET due_at = ?1, leased_by = ?2
+         WHERE id = ?3 AND due_at IS NOT NULL AND due_at <= ?4",
+    )?;
+    let mut leased = Vec::with_capacity(found.len());
+    for job in found {
+        let changed = lease.execute(params![
             claim.lease_until,
             claim.owner,
-            job.delivery_id.to_string()
+            job.delivery_id.to_string(),
+            claim.now,
         ])?;
+        if changed == 1 {
+            leased.push(job);
+        }
     }
-    Ok(jobs)
+    Ok(leased)
 }
 
 fn record_attempt(c: &Connection, attempt: &AttemptRecord) -> StoreResult<()> {
