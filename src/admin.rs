@@ -20,7 +20,16 @@ pub async fn create_api_key(database_url: &str, business: Uuid) -> anyhow::Resul
     Ok(())
 }
 
+/// The longest producer token label, in characters.
+const MAX_TOKEN_NAME: usize = 200;
+
 pub async fn create_producer_token(database_url: &str, name: String) -> anyhow::Result<()> {
+    let length = name.trim().chars().count();
+    if length == 0 || length > MAX_TOKEN_NAME {
+        anyhow::bail!(
+            "invalid --name {name:?}: a label of 1 to {MAX_TOKEN_NAME} characters is required"
+        );
+    }
     let store = Store::open(database_url).await?;
     let token = generate_producer_token();
     store

@@ -8,7 +8,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{AppState, router};
+use crate::api::{AppState, router, worker_router};
 use crate::config::Role;
 use crate::config::ServiceConfig;
 use crate::config::secret_cipher;
@@ -28,36 +28,13 @@ pub struct RunOptions {
 
 /// Runs the service on a bound listener until `shutdown` is cancelled.
 ///
-/// On shutdown the API stops taking requests and finishes the ones under
-/// way, then the workers finish their attempts and release their leases.
-/// With [`Role::Worker`] the listener is closed unused.
+/// With [`Role::Worker`] the listener serves only `/healthz`, `/readyz` and
+/// `/metrics`. On shutdown the HTTP server stops taking requests and
+/// finishes the ones under way, then the workers finish their attempts and
+/// release their leases.
 pub async fn run(
     config: ServiceConfig,
     listener: TcpListener,
-    shutdown: CancellationToken,
-    options: RunOptions,
-) -> anyhow::Result<()> {
-    serve(config, Some(listener), shutdown, options).await
-}
-
-/// Runs delivery workers without an API until `shutdown` is cancelled, for
-/// `serve --role worker`, which binds no port.
-pub async fn run_worker(
-    config: ServiceConfig,
-    shutdown: CancellationToken,
-    options: RunOptions,
-) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        config.role == Role::Worker,
-        "run_worker needs the worker role, not {:?}",
-        config.role
-    );
-    serve(config, None, shutdown, options).await
-}
-
-async fn serve(
-    config: ServiceConfig,
-    listener: Option<TcpListener>,
     shutdown: CancellationToken,
     options: RunOptions,
 ) -> anyhow::Result<()> {
@@ -100,30 +77,18 @@ async fn serve(
 
     // `worker` names this process in the `leased_by` column of deliveries.
     let worker = config.role.runs_workers().then(|| context.owner.clone());
-    match listener {
-        Some(listener) if config.role.runs_api() => {
-            let address = listener.local_addr()?;
-            tracing::info!(%address, role = ?config.role, worker = worker.as_deref(), "listening");
-            let app = router(AppState::new(
-                store.clone(),
-                config.clone(),
-                dispatcher,
-                context,
-            ));
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-                .await
-                .context("serving HTTP")?;
-        }
-        _ => {
-            tracing::info!(
-                role = ?config.role,
-                worker = worker.as_deref(),
-                "delivery workers started without an API"
-            );
-            shutdown.cancelled().await;
-        }
-    }
+    let address = listener.local_addr()?;
+    tracing::info!(%address, role = ?config.role, worker = worker.as_deref(), "listening");
+    let state = AppState::new(store.clone(), config.clone(), dispatcher, context);
+    let app = if config.role.runs_api() {
+        router(state)
+    } else {
+        worker_router(state)
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .context("serving HTTP")?;
 
     workers_shutdown.cancel();
     while workers.join_next().await.is_some() {}
@@ -215,10 +180,14 @@ async fn forward_store_signals(
 
 /// Rows removed by one purge transaction at most, so deliveries never wait long.
 const PURGE_BATCH: usize = 500;
-const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+/// The longest wait between two purges.
+const MAX_PURGE_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Deletes history older than the retention period, in small batches.
+/// Deletes history older than the retention period, in small batches. It
+/// looks at least ten times per retention period, so a row outlives the
+/// period by at most a tenth of it (and never by more than a minute).
 async fn purge_history(store: Store, retention: Duration, shutdown: CancellationToken) {
+    let interval = (retention / 10).clamp(Duration::from_millis(100), MAX_PURGE_INTERVAL);
     loop {
         let cutoff = now_micros() - retention.as_micros() as i64;
         loop {
@@ -238,7 +207,7 @@ async fn purge_history(store: Store, retention: Duration, shutdown: Cancellation
             }
         }
         tokio::select! {
-            () = tokio::time::sleep(PURGE_INTERVAL) => {}
+            () = tokio::time::sleep(interval) => {}
             () = shutdown.cancelled() => return,
         }
     }

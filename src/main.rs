@@ -1,11 +1,11 @@
 use std::io::IsTerminal;
 
+use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use citapro_webhooks::cli::{ApiKeyCommand, Cli, Command, LogFormat, ProducerTokenCommand};
-use citapro_webhooks::config::Role;
 use citapro_webhooks::{admin, app, devtools};
 
 #[tokio::main]
@@ -20,13 +20,9 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let shutdown = CancellationToken::new();
-            // A worker serves no API, so it leaves --listen unbound and
-            // several workers can run on one host.
-            if args.role == Role::Worker {
-                tokio::spawn(cancel_on_signal(shutdown.clone()));
-                return app::run_worker(args.service_config(), shutdown, Default::default()).await;
-            }
-            let listener = tokio::net::TcpListener::bind(args.listen).await?;
+            let listener = tokio::net::TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("binding --listen {} failed", args.listen))?;
             tokio::spawn(cancel_on_signal(shutdown.clone()));
             app::run(
                 args.service_config(),

@@ -152,13 +152,30 @@ pub fn router(state: AppState) -> Router {
     let producer = Router::new()
         .route("/v1/events", post(events::accept_event))
         .layer(DefaultBodyLimit::max(MAX_EVENT_BODY));
-    Router::new()
+    let routes = operations_routes()
         .merge(management)
         .merge(producer)
+        .route("/openapi.json", get(openapi::serve_openapi));
+    finish_router(routes, state)
+}
+
+/// Builds the router of a `serve --role worker` process: `/healthz`,
+/// `/readyz` and `/metrics`, and a `404` problem for every other path.
+pub fn worker_router(state: AppState) -> Router {
+    finish_router(operations_routes(), state)
+}
+
+/// Builds the routes that operators and their monitoring call, served on every role.
+fn operations_routes() -> Router<AppState> {
+    Router::new()
         .route("/healthz", get(health))
         .route("/readyz", get(ready))
         .route("/metrics", get(render_metrics))
-        .route("/openapi.json", get(openapi::serve_openapi))
+}
+
+/// Adds the problem+json fallbacks and the request log to `routes`.
+fn finish_router(routes: Router<AppState>, state: AppState) -> Router {
+    routes
         .fallback(|| async { ApiError::not_found("no such resource") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

@@ -178,12 +178,10 @@ impl Sender {
                 };
             }
         };
+        let deadline = tokio::time::Instant::now() + self.timeout;
         let mut outcome = match self.destination_error(&job.url) {
             Some(kind) => failure(kind),
-            None => match tokio::time::timeout(self.timeout, self.post(job, &secret)).await {
-                Ok(outcome) => outcome,
-                Err(_) => failure(ErrorKind::Timeout),
-            },
+            None => self.post(job, &secret, deadline).await,
         };
         outcome.started_at_micros = started_at_micros;
         outcome.duration_ms = started.elapsed().as_millis() as i64;
@@ -202,16 +200,26 @@ impl Sender {
             .map(|_| ErrorKind::DestinationNotAllowed)
     }
 
-    async fn post(&self, job: &Job, secret: &str) -> AttemptOutcome {
+    /// Sends the request and reads the response until `deadline`. Headers
+    /// that have not arrived by then make the attempt a timeout. After that
+    /// the deadline only cuts the body short, because the status line alone
+    /// decides the outcome.
+    async fn post(
+        &self,
+        job: &Job,
+        secret: &str,
+        deadline: tokio::time::Instant,
+    ) -> AttemptOutcome {
         let headers = delivery_headers(job, secret);
         let request = self
             .client
             .post(job.url.as_str())
             .headers(headers)
             .body(job.payload.clone());
-        let mut response = match request.send().await {
-            Ok(response) => response,
-            Err(error) => return failure(classify(&error)),
+        let mut response = match tokio::time::timeout_at(deadline, request.send()).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => return failure(classify(&error)),
+            Err(_) => return failure(ErrorKind::Timeout),
         };
         let status = response.status().as_u16();
         let retry_after = response
@@ -223,15 +231,15 @@ impl Sender {
         let mut kept = Vec::new();
         let mut read = 0usize;
         while read < MAX_RESPONSE_READ {
-            match response.chunk().await {
-                Ok(Some(chunk)) => {
+            match tokio::time::timeout_at(deadline, response.chunk()).await {
+                Ok(Ok(Some(chunk))) => {
                     read += chunk.len();
                     let room = MAX_RESPONSE_STORED.saturating_sub(kept.len());
                     kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
                 }
                 // The status line alone decides the outcome; a body that ends
-                // badly is only cut short.
-                Ok(None) | Err(_) => break,
+                // badly or late is only cut short.
+                Ok(Ok(None)) | Ok(Err(_)) | Err(_) => break,
             }
         }
         let success = (200..300).contains(&status);
@@ -303,11 +311,18 @@ fn classify(error: &reqwest::Error) -> ErrorKind {
             return ErrorKind::Tls;
         }
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            if io
-                .get_ref()
-                .is_some_and(|inner| inner.is::<rustls::Error>())
-            {
-                return ErrorKind::Tls;
+            // With reqwest 0.12 and tokio-rustls 0.26, a certificate error
+            // arrives as an I/O error (kind Other) wrapping an I/O error (kind
+            // InvalidData) wrapping the rustls error. `io::Error::source`
+            // skips wrapped errors, so unwrap them one by one.
+            let mut wrapped = io.get_ref();
+            while let Some(inner) = wrapped {
+                if inner.is::<rustls::Error>() {
+                    return ErrorKind::Tls;
+                }
+                wrapped = inner
+                    .downcast_ref::<std::io::Error>()
+                    .and_then(std::io::Error::get_ref);
             }
             if io.kind() == std::io::ErrorKind::TimedOut {
                 return ErrorKind::Timeout;

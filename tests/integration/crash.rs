@@ -1,11 +1,11 @@
 //! Crash safety of the real binary: `kill -9` while a retry waits or while an
-//! attempt is in flight, then a restart on the same SQLite file.
+//! attempt is in flight, then a restart on the same database.
 //!
-//! These are the only tests that read the SQLite file directly, to see when
-//! an attempt has been recorded.
+//! On SQLite the restarted process takes back every lease at start-up. On
+//! PostgreSQL it leaves leases alone, so a delivery that was in flight at
+//! the kill is sent again only when its lease ends.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Instant;
@@ -13,9 +13,10 @@ use std::time::Instant;
 use serde_json::json;
 use uuid::Uuid;
 
+use crate::backend::{TestDatabase, fresh_database};
 use crate::helpers::{
-    ApiClient, DEADLINE, Reply, SERVICE_BINARY, TestReceiver, event_body, fresh_database_url,
-    hmac_hex, ms,
+    ApiClient, DEADLINE, Reply, SERVICE_BINARY, TestBusiness, TestReceiver, event_body, hmac_hex,
+    ms,
 };
 
 /// A `citapro-webhooks serve` process, killed when dropped.
@@ -26,10 +27,12 @@ struct ServeProcess {
 
 /// Settings of a `serve` process that the crash tests vary.
 struct ServeSettings {
-    database_url: String,
+    database: TestDatabase,
     producer_token: String,
     retry_schedule: &'static str,
     request_timeout: &'static str,
+    /// `--lease-margin`: how long a lease outlasts the request timeout.
+    lease_margin: &'static str,
 }
 
 impl ServeProcess {
@@ -39,10 +42,11 @@ impl ServeProcess {
         let mut command = Command::new(SERVICE_BINARY);
         command
             .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(["--database-url", &settings.database_url])
+            .args(["--database-url", &settings.database.url])
             .args(["--producer-token", &settings.producer_token])
             .args(["--retry-schedule", settings.retry_schedule])
             .args(["--request-timeout", settings.request_timeout])
+            .args(["--lease-margin", settings.lease_margin])
             .args(["--allow-http", "--allow-private-targets"])
             .env("RUST_LOG", "info")
             .env_remove("CITAPRO_LOG_FORMAT")
@@ -88,7 +92,7 @@ impl ServeProcess {
     fn api(&self, settings: &ServeSettings) -> ApiClient {
         ApiClient::new(
             self.base_url.clone(),
-            settings.database_url.clone(),
+            settings.database.url.clone(),
             settings.producer_token.clone(),
         )
     }
@@ -134,21 +138,30 @@ fn listening_address(line: &str) -> Option<String> {
     Some(address.to_owned())
 }
 
-fn sqlite_file(database_url: &str) -> PathBuf {
-    let path = database_url
-        .strip_prefix("sqlite://")
-        .unwrap_or_else(|| panic!("the crash tests need a SQLite URL, got {database_url}"));
-    PathBuf::from(path)
-}
-
-/// Waits until the SQLite file contains `count` recorded attempts.
-async fn wait_for_recorded_attempts(database: &PathBuf, count: i64) {
+/// Waits until the webhook's delivery history shows `count` recorded attempts.
+async fn wait_for_recorded_attempts(
+    api: &ApiClient,
+    business: &TestBusiness,
+    webhook_id: &str,
+    count: u64,
+) {
     let started = Instant::now();
     loop {
-        let connection = rusqlite::Connection::open(database).expect("opening the SQLite file");
-        let recorded: i64 = connection
-            .query_row("SELECT COUNT(*) FROM attempts", [], |row| row.get(0))
-            .expect("counting attempts");
+        let response = api
+            .get(&format!("/v1/webhooks/{webhook_id}/deliveries"), business)
+            .await;
+        assert_eq!(
+            response.status,
+            200,
+            "listing deliveries: {}",
+            response.text()
+        );
+        let recorded: u64 = response.json()["data"]
+            .as_array()
+            .expect("the delivery list has data")
+            .iter()
+            .map(|delivery| delivery["attemptCount"].as_u64().unwrap_or(0))
+            .sum();
         if recorded >= count {
             return;
         }
@@ -166,10 +179,11 @@ async fn settings(
     request_timeout: &'static str,
 ) -> ServeSettings {
     ServeSettings {
-        database_url: fresh_database_url(dir.path()).await,
+        database: fresh_database(dir.path()).await,
         producer_token: format!("crash-producer-{}", Uuid::new_v4()),
         retry_schedule,
         request_timeout,
+        lease_margin: "30s",
     }
 }
 
@@ -196,7 +210,7 @@ async fn pending_retries_survive_kill() {
     ))
     .await;
     receiver.wait_for_requests(1).await;
-    wait_for_recorded_attempts(&sqlite_file(&settings.database_url), 1).await;
+    wait_for_recorded_attempts(&api, &business, &webhook.id, 1).await;
 
     first_process.kill_hard();
     let killed_at = Instant::now();
@@ -236,8 +250,12 @@ async fn pending_retries_survive_kill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_attempt_survives_kill() {
     let dir = tempfile::tempdir().expect("creating a temporary folder");
-    // A long request timeout keeps the hanging attempt in flight at the kill.
-    let settings = settings(&dir, "10s", "60s").await;
+    // The hanging attempt is in flight at the kill, which follows its
+    // arrival at once. On PostgreSQL its lease ends 6 s (request timeout
+    // plus margin) after the attempt starts, and the restarted process
+    // sends it again then.
+    let mut settings = settings(&dir, "10s", "5s").await;
+    settings.lease_margin = "1s";
     let receiver = TestReceiver::start_with(Reply::Status(200)).await;
     receiver.queue_replies([Reply::Hang]);
     let mut first_process = ServeProcess::start(&settings).await;

@@ -3,6 +3,7 @@
 
 use std::process::Command;
 
+use citapro_webhooks::store::Store;
 use citapro_webhooks::store::cipher::SecretCipher;
 use uuid::Uuid;
 
@@ -13,22 +14,20 @@ use crate::helpers::{
 const KEY: &str = "3f1e2d4c5b6a79880716253443526170f1e2d3c4b5a69788796a5b4c3d2e1f00";
 const OTHER_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 
-fn sqlite_path(database_url: &str) -> &str {
-    database_url
-        .strip_prefix("sqlite://")
-        .expect("the integration suite runs on SQLite files")
-}
-
-fn stored_secret(database_url: &str, webhook_id: &str) -> String {
-    let connection =
-        rusqlite::Connection::open(sqlite_path(database_url)).expect("opening the test database");
-    connection
-        .query_row(
-            "SELECT secret FROM webhooks WHERE id = ?1",
-            [webhook_id],
-            |row| row.get(0),
-        )
-        .expect("reading the stored secret")
+/// Reads a webhook's secret in the form that the database stores it.
+async fn stored_secret(database_url: &str, webhook_id: &str) -> String {
+    let store = Store::open(database_url)
+        .await
+        .expect("opening the test database");
+    let secrets = store
+        .webhook_secrets()
+        .await
+        .expect("reading the stored secrets");
+    secrets
+        .into_iter()
+        .find(|(id, _)| id.to_string() == webhook_id)
+        .map(|(_, secret)| secret)
+        .unwrap_or_else(|| panic!("webhook {webhook_id} has no stored secret"))
 }
 
 #[tokio::test]
@@ -44,7 +43,7 @@ async fn stored_secret_is_encrypted() {
         .create_webhook(&business, &receiver.url, &["client.created"])
         .await;
 
-    let stored = stored_secret(&service.database_url, &webhook.id);
+    let stored = stored_secret(&service.database_url, &webhook.id).await;
     assert!(stored.starts_with("enc:v1:"), "stored form {stored}");
     assert!(!stored.contains(&webhook.secret));
     let cipher = SecretCipher::new(KEY, &[]).expect("the test key is valid");
@@ -75,7 +74,7 @@ async fn encrypt_secrets_converts_plain_secrets() {
         .create_webhook(&business, "http://127.0.0.1:9/hooks", &["client.created"])
         .await;
     assert_eq!(
-        stored_secret(&service.database_url, &webhook.id),
+        stored_secret(&service.database_url, &webhook.id).await,
         webhook.secret
     );
 
@@ -86,7 +85,7 @@ async fn encrypt_secrets_converts_plain_secrets() {
         .expect("running encrypt-secrets");
     assert!(output.status.success(), "{output:?}");
 
-    let stored = stored_secret(&service.database_url, &webhook.id);
+    let stored = stored_secret(&service.database_url, &webhook.id).await;
     assert!(stored.starts_with("enc:v1:"), "stored form {stored}");
     let cipher = SecretCipher::new(KEY, &[]).expect("the test key is valid");
     assert_eq!(cipher.decrypt(&stored).unwrap(), webhook.secret);
@@ -98,7 +97,7 @@ async fn encrypt_secrets_converts_plain_secrets() {
         .output()
         .expect("running encrypt-secrets with a new key");
     assert!(rotated.status.success(), "{rotated:?}");
-    let stored = stored_secret(&service.database_url, &webhook.id);
+    let stored = stored_secret(&service.database_url, &webhook.id).await;
     let new_cipher = SecretCipher::new(OTHER_KEY, &[]).expect("the test key is valid");
     assert_eq!(new_cipher.decrypt(&stored).unwrap(), webhook.secret);
 }

@@ -1,9 +1,11 @@
 //! The test harness: the real service on a loopback port with a fresh
 //! database, HTTP receivers that record every request, and a small client.
 //!
-//! Tests reach the database only through the service and its command line,
-//! so the same tests can run on another backend by changing
-//! [`fresh_database_url`].
+//! Tests reach the database only through the service, its command line and
+//! the library's `Store`, so the same tests run on either backend. Each test
+//! crate that includes this file picks the backend with a `backend` module:
+//! `sqlite_backend.rs` beside this file, or
+//! `tests/integration_postgres/backend.rs`.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -20,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use citapro_webhooks::app::{RunOptions, run};
-use citapro_webhooks::config::ServiceConfig;
+use citapro_webhooks::config::{Role, ServiceConfig};
 use citapro_webhooks::domain::destination::DestinationPolicy;
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
@@ -30,6 +32,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+use crate::backend::{TestDatabase, fresh_database};
 
 /// Maximum time that a test waits for something that the service should do promptly.
 pub const DEADLINE: Duration = Duration::from_secs(15);
@@ -43,10 +47,11 @@ pub const SERVICE_BINARY: &str = env!("CARGO_BIN_EXE_citapro-webhooks");
 /// `occurred_on` of the events that tests send.
 pub const OCCURRED_ON: &str = "2026-03-05 14:30:00";
 
-/// Returns the URL of a fresh, empty database for one test.
+/// Returns the URL of a fresh SQLite file in `dir`.
 ///
-/// Every service that the tests start gets its database here, so this is the
-/// one place to change to run the suite on another database backend.
+/// Services of the integration suite get their database from
+/// `crate::backend::fresh_database` instead, which follows the crate's
+/// backend. Suites that run on SQLite alone call this directly.
 pub async fn fresh_database_url(dir: &Path) -> String {
     format!("sqlite://{}", dir.join("webhooks.db").display())
 }
@@ -63,6 +68,9 @@ pub struct ServiceOptions {
     pub request_timeout: Duration,
     /// Hex key that webhook secrets are encrypted with at rest.
     pub encryption_key: Option<String>,
+    pub role: Role,
+    /// How long finished deliveries are kept.
+    pub history_retention: Duration,
 }
 
 impl Default for ServiceOptions {
@@ -71,6 +79,8 @@ impl Default for ServiceOptions {
             retry_schedule: vec![ms(200), ms(400)],
             request_timeout: Duration::from_secs(5),
             encryption_key: None,
+            role: Role::All,
+            history_retention: Duration::from_secs(30 * 86_400),
         }
     }
 }
@@ -187,13 +197,15 @@ pub struct TestService {
     api: ApiClient,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
+    _database: TestDatabase,
     _dir: TempDir,
 }
 
 impl TestService {
     pub async fn start(options: ServiceOptions) -> TestService {
         let dir = tempfile::tempdir().expect("creating a temporary folder for the database");
-        let database_url = fresh_database_url(dir.path()).await;
+        let database = fresh_database(dir.path()).await;
+        let database_url = database.url.clone();
         let producer_token = format!("test-producer-{}", Uuid::new_v4());
 
         let mut config = ServiceConfig::new(database_url.clone());
@@ -201,6 +213,8 @@ impl TestService {
         config.retry_schedule = options.retry_schedule;
         config.request_timeout = options.request_timeout;
         config.encryption_key = options.encryption_key;
+        config.history_retention = options.history_retention;
+        config.role = options.role;
         config.destinations = DestinationPolicy {
             allow_http: true,
             allow_private_targets: true,
@@ -221,6 +235,7 @@ impl TestService {
             api: ApiClient::new(format!("http://{address}"), database_url, producer_token),
             shutdown,
             task,
+            _database: database,
             _dir: dir,
         };
         service.wait_until_ready().await;

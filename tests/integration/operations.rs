@@ -1,8 +1,11 @@
 //! What operators read: health, readiness and Prometheus metrics.
 
+use citapro_webhooks::config::Role;
 use uuid::Uuid;
 
-use crate::helpers::{Reply, ServiceOptions, TestReceiver, TestService, event_body};
+use crate::helpers::{
+    Reply, ServiceOptions, TestReceiver, TestService, assert_problem, event_body,
+};
 
 #[tokio::test]
 async fn health_and_readiness_answer_ok() {
@@ -60,4 +63,55 @@ async fn metrics_count_events_and_attempts() {
         text.contains("citapro_store_operation_duration_seconds"),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn worker_serves_only_operations_routes() {
+    let service = TestService::start(ServiceOptions {
+        role: Role::Worker,
+        ..ServiceOptions::default()
+    })
+    .await;
+    for path in ["/healthz", "/readyz"] {
+        let response = service.call(reqwest::Method::GET, path, None, None).await;
+        assert_eq!(response.status, 200, "{path}");
+        assert_eq!(response.json()["status"], "ok", "{path}");
+    }
+    let metrics = service
+        .call(reqwest::Method::GET, "/metrics", None, None)
+        .await;
+    assert_eq!(metrics.status, 200, "/metrics");
+    assert!(
+        metrics.content_type().starts_with("text/plain"),
+        "/metrics content type {}",
+        metrics.content_type()
+    );
+    assert!(
+        metrics.text().contains("citapro_deliveries_due "),
+        "{}",
+        metrics.text()
+    );
+
+    let business = service.create_business().await;
+    let api_routes = [
+        (reqwest::Method::GET, "/v1/webhooks"),
+        (reqwest::Method::POST, "/v1/webhooks"),
+        (reqwest::Method::POST, "/v1/events"),
+        (reqwest::Method::GET, "/openapi.json"),
+    ];
+    for (method, path) in api_routes {
+        let response = service
+            .call(
+                method.clone(),
+                path,
+                Some(&business.api_key),
+                Some(b"{}".to_vec()),
+            )
+            .await;
+        assert_problem(&response, 404, &format!("{method} {path} on a worker"));
+    }
+    let response = service
+        .call(reqwest::Method::POST, "/healthz", None, None)
+        .await;
+    assert_problem(&response, 405, "POST /healthz on a worker");
 }

@@ -4,6 +4,7 @@
 //! and drops it at the end. Without a reachable server each test prints a
 //! `SKIPPED` line and passes, unless `CITAPRO_REQUIRE_POSTGRES=1` is set.
 
+mod schema;
 mod serve;
 mod store;
 mod support;

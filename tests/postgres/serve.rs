@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::support::{
     Receiver, Reply, ServeOptions, ServeProcess, TestSchema, create_api_key, create_webhook,
-    send_event, wait_for,
+    http_client, send_event, wait_for,
 };
 
 /// Sends `count` events, spread over the APIs in `base_urls`, a few at a time.
@@ -194,13 +194,18 @@ async fn api_and_worker_roles_split_the_work() {
         "nothing sends without a worker"
     );
 
-    let mut worker = ServeProcess::start("worker instance", "worker", &schema, &options).await;
-    assert!(worker.base_url.is_none(), "a worker serves no API");
+    let worker = ServeProcess::start("worker instance", "worker", &schema, &options).await;
+    assert!(worker.worker.is_some(), "a worker instance runs workers");
     receiver.wait_for_requests(1).await;
-    assert!(
-        !worker.lines().iter().any(|line| line.contains("listening")),
-        "a worker binds no port"
-    );
+    let http = http_client();
+    for (path, expected) in [("/readyz", 200), ("/v1/webhooks", 404), ("/v1/events", 404)] {
+        let response = http
+            .get(format!("{}{path}", worker.base_url))
+            .send()
+            .await
+            .unwrap_or_else(|error| panic!("GET {path} on the worker: {error}"));
+        assert_eq!(response.status(), expected, "GET {path} on the worker");
+    }
 
     // Each event is accepted by the api instance and sent by the worker.
     let mut slowest = Duration::ZERO;
@@ -217,7 +222,6 @@ async fn api_and_worker_roles_split_the_work() {
         "a delivery took {slowest:?} from the api instance to the receiver"
     );
     assert_eq!(receiver.overlaps(), Vec::<String>::new());
-    worker.wait_for_line("delivery workers started").await;
 }
 
 #[tokio::test]

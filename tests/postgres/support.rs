@@ -1,8 +1,9 @@
-//! Shared test machinery: a fresh PostgreSQL schema per test, `serve`
-//! processes of the real binary, and a receiver that records deliveries.
+//! Shared test machinery: `serve` processes of the real binary and a
+//! receiver that records deliveries. The fresh schema of each test comes
+//! from [`crate::schema`].
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -18,14 +19,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-/// The server that the tests use unless `CITAPRO_TEST_POSTGRES_URL` names another.
-const DEFAULT_SERVER_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-/// When set to `1`, an unreachable server fails the tests instead of skipping them.
-const REQUIRE_VARIABLE: &str = "CITAPRO_REQUIRE_POSTGRES";
-
-/// Pool connections of each store and `serve` process in the tests, so that
-/// tests running side by side stay below the server's `max_connections`.
-const TEST_POOL_MAX_SIZE: usize = 4;
+pub use crate::schema::TestSchema;
 
 /// Maximum wait for something that should happen promptly.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -33,141 +27,6 @@ const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 /// The `citapro-webhooks` binary that Cargo built for this test run.
 pub const SERVICE_BINARY: &str = env!("CARGO_BIN_EXE_citapro-webhooks");
-
-fn server_url() -> String {
-    std::env::var("CITAPRO_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_SERVER_URL.to_owned())
-}
-
-/// Appends a query parameter to a URL that may already have a query.
-fn with_parameter(url: &str, parameter: &str) -> String {
-    let separator = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{separator}{parameter}")
-}
-
-async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
-}
-
-/// A schema of its own for one test, dropped with everything in it at the end.
-pub struct TestSchema {
-    pub name: String,
-    /// A database URL whose connections use only this schema.
-    pub url: String,
-    server_url: String,
-}
-
-impl TestSchema {
-    /// Creates a fresh schema, or returns `None` after printing why the test
-    /// is skipped when the server cannot be reached. With
-    /// `CITAPRO_REQUIRE_POSTGRES=1` an unreachable server panics instead.
-    pub async fn create(test: &str) -> Option<TestSchema> {
-        let server_url = server_url();
-        let connected = tokio::time::timeout(
-            Duration::from_secs(5),
-            connect(&with_parameter(&server_url, "connect_timeout=3")),
-        )
-        .await;
-        let admin = match connected {
-            Ok(Ok(client)) => client,
-            Ok(Err(error)) => return skip(test, &server_url, &error_chain(&error)),
-            Err(_) => return skip(test, &server_url, "connecting timed out"),
-        };
-        let name = format!("t_{}", &Uuid::new_v4().simple().to_string()[..16]);
-        admin
-            .batch_execute(&format!("CREATE SCHEMA {name}"))
-            .await
-            .unwrap_or_else(|error| panic!("creating schema {name}: {error}"));
-        // The application name marks the schema's connections, so the
-        // clean-up can end the ones that a failed test left open.
-        let url = with_parameter(
-            &server_url,
-            &format!(
-                "options=-c%20search_path%3D{name}&application_name={name}&pool_max_size={TEST_POOL_MAX_SIZE}"
-            ),
-        );
-        Some(TestSchema {
-            name,
-            url,
-            server_url,
-        })
-    }
-
-    /// Opens a plain connection to the schema, for checks the API does not show.
-    pub async fn client(&self) -> tokio_postgres::Client {
-        // tokio-postgres rejects the store's own pool_max_size parameter.
-        let url = self
-            .url
-            .replace(&format!("&pool_max_size={TEST_POOL_MAX_SIZE}"), "");
-        connect(&url)
-            .await
-            .unwrap_or_else(|error| panic!("connecting to schema {}: {error:?}", self.name))
-    }
-}
-
-fn skip<T>(test: &str, server_url: &str, reason: &str) -> Option<T> {
-    if std::env::var(REQUIRE_VARIABLE).is_ok_and(|value| value == "1") {
-        panic!("PostgreSQL at {server_url} is not reachable ({reason}), and {REQUIRE_VARIABLE}=1");
-    }
-    // Written past the test harness's output capture, which hides the
-    // output of passing tests.
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {test}: PostgreSQL at {server_url} is not reachable ({reason}); \
-         set {REQUIRE_VARIABLE}=1 to fail instead"
-    );
-    None
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
-}
-
-impl Drop for TestSchema {
-    fn drop(&mut self) {
-        // Drop runs inside the test's runtime, which cannot block on a
-        // future, so the clean-up gets a thread and a runtime of its own.
-        let server_url = self.server_url.clone();
-        let name = self.name.clone();
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("building a runtime to drop the test schema");
-            runtime.block_on(async {
-                let client = connect(&server_url).await?;
-                // A test that panicked may leave a transaction open on a
-                // connection that its blocked runtime can no longer roll
-                // back, and DROP SCHEMA would wait for it forever.
-                client
-                    .execute(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                         WHERE application_name = $1 AND pid <> pg_backend_pid()",
-                        &[&name],
-                    )
-                    .await?;
-                client
-                    .batch_execute(&format!(
-                        "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS {name} CASCADE"
-                    ))
-                    .await
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) {
-            eprintln!("dropping test schema {} failed: {dropped:?}", self.name);
-        }
-    }
-}
 
 /// Polls `check` until it returns `Some`, or panics with `description` after [`DEADLINE`].
 pub async fn wait_for<T, F, Fut>(description: &str, mut check: F) -> T
@@ -193,8 +52,9 @@ pub struct ServeProcess {
     pub label: String,
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
-    /// `http://127.0.0.1:PORT` of its API, unless it runs `--role worker`.
-    pub base_url: Option<String>,
+    /// `http://127.0.0.1:PORT` of its HTTP server. With `--role worker` it
+    /// serves only `/healthz`, `/readyz` and `/metrics`.
+    pub base_url: String,
     /// Its name in the `leased_by` column of deliveries.
     pub worker: Option<String>,
 }
@@ -255,18 +115,11 @@ impl ServeProcess {
             label: label.to_owned(),
             child,
             lines,
-            base_url: None,
+            base_url: String::new(),
             worker: None,
         };
-        let ready = if role == "worker" {
-            "delivery workers started without an API"
-        } else {
-            "listening address="
-        };
-        let line = process.wait_for_line(ready).await;
-        if role != "worker" {
-            process.base_url = Some(format!("http://{}", field(&line, "address")));
-        }
+        let line = process.wait_for_line("listening address=").await;
+        process.base_url = format!("http://{}", field(&line, "address"));
         if role != "api" {
             process.worker = Some(field(&line, "worker").trim_matches('"').to_owned());
         }
@@ -302,9 +155,7 @@ impl ServeProcess {
     }
 
     pub fn api(&self) -> &str {
-        self.base_url
-            .as_deref()
-            .unwrap_or_else(|| panic!("{} runs no API", self.label))
+        &self.base_url
     }
 
     /// Ends the process with SIGKILL, as a crash would.
