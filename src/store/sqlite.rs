@@ -52,6 +52,8 @@ fn open_connection(path: &str) -> rusqlite::Result<Connection> {
     // durable across power loss, not only across a process crash.
     connection.pragma_update(None, "journal_mode", "WAL")?;
     connection.pragma_update(None, "synchronous", "FULL")?;
+    // Savepoints keep their undo pages in memory instead of a temporary file.
+    connection.pragma_update(None, "temp_store", "MEMORY")?;
     connection.set_prepared_statement_cache_capacity(64);
     Ok(connection)
 }
