@@ -24,6 +24,12 @@ use crate::domain::payload::{PING_EVENT, build_payload};
 
 /// Writes taken into one transaction at most.
 const MAX_BATCH: usize = 512;
+/// Deliveries requeued in one transaction by a recovery.
+const RECOVER_CHUNK: usize = 5000;
+/// Page cache of the writer and of each reader, in KiB (SQLite's negative `cache_size`).
+const WRITER_CACHE_KIB: i64 = 32 * 1024;
+const READER_CACHE_KIB: i64 = 8 * 1024;
+
 /// The wait between two WAL checkpoints.
 const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 /// Reader connections kept open.
@@ -88,9 +94,14 @@ impl SqliteStore {
         let mut writer =
             open_connection(&path).with_context(|| format!("opening SQLite database {path}"))?;
         migrate(&mut writer)?;
+        writer.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
         let readers = (0..READERS)
-            .map(|_| open_connection(&path))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|_| {
+                let reader = open_connection(&path)?;
+                reader.pragma_update(None, "cache_size", -READER_CACHE_KIB)?;
+                Ok(reader)
+            })
+            .collect::<rusqlite::Result<Vec<_>>>()?;
 
         // Checkpoints run on a thread of their own, so commits never wait
         // for the WAL to be copied back into the database file.
@@ -582,45 +593,62 @@ impl SqliteStore {
         .await
     }
 
+    /// Requeues in chunks of [`RECOVER_CHUNK`] rows, one transaction each,
+    /// so a large window neither holds up other writes nor builds one huge
+    /// savepoint journal in memory.
     pub async fn recover(&self, recovery: Recovery) -> StoreResult<RecoveryOutcome> {
-        self.write(move |c| {
-            let Some(webhook) = select_webhook(c, recovery.business_id, recovery.webhook_id)?
-            else {
-                return Ok(RecoveryOutcome::WebhookNotFound);
-            };
-            if !webhook.is_active {
-                return Ok(RecoveryOutcome::WebhookInactive);
-            }
-            let window = params![
-                recovery.webhook_id.to_string(),
-                recovery.since,
-                recovery.until,
-            ];
-            let count = if recovery.dry_run {
-                c.query_row(
+        let check = recovery.clone();
+        let found = self
+            .read(move |c| {
+                let Some(webhook) = select_webhook(c, check.business_id, check.webhook_id)? else {
+                    return Ok(RecoveryOutcome::WebhookNotFound);
+                };
+                if !webhook.is_active {
+                    return Ok(RecoveryOutcome::WebhookInactive);
+                }
+                let count: i64 = c.query_row(
                     "SELECT COUNT(*) FROM deliveries
                      WHERE webhook_id = ?1 AND created_at >= ?2 AND created_at < ?3
                        AND status IN ('failed', 'cancelled') AND is_test = 0",
-                    window,
-                    |row| row.get::<_, i64>(0),
-                )? as u64
-            } else {
-                c.execute(
-                    "UPDATE deliveries SET status = 'pending', auto_attempts = 0, due_at = ?4,
-                        next_attempt_at = ?4, leased_by = NULL
-                     WHERE webhook_id = ?1 AND created_at >= ?2 AND created_at < ?3
-                       AND status IN ('failed', 'cancelled') AND is_test = 0",
-                    params![
-                        recovery.webhook_id.to_string(),
-                        recovery.since,
-                        recovery.until,
-                        recovery.now,
-                    ],
-                )? as u64
-            };
-            Ok(RecoveryOutcome::Requeued(count))
-        })
-        .await
+                    params![check.webhook_id.to_string(), check.since, check.until],
+                    |row| row.get(0),
+                )?;
+                Ok(RecoveryOutcome::Requeued(count as u64))
+            })
+            .await?;
+        match found {
+            RecoveryOutcome::Requeued(_) if !recovery.dry_run => {}
+            other => return Ok(other),
+        }
+        let mut requeued = 0u64;
+        loop {
+            let chunk = recovery.clone();
+            let changed = self
+                .write(move |c| {
+                    let changed = c.execute(
+                        "UPDATE deliveries SET status = 'pending', auto_attempts = 0, due_at = ?4,
+                            next_attempt_at = ?4, leased_by = NULL
+                         WHERE id IN (
+                            SELECT id FROM deliveries
+                            WHERE webhook_id = ?1 AND created_at >= ?2 AND created_at < ?3
+                              AND status IN ('failed', 'cancelled') AND is_test = 0
+                            LIMIT ?5)",
+                        params![
+                            chunk.webhook_id.to_string(),
+                            chunk.since,
+                            chunk.until,
+                            chunk.now,
+                            RECOVER_CHUNK as i64,
+                        ],
+                    )?;
+                    Ok(changed as u64)
+                })
+                .await?;
+            requeued += changed;
+            if changed < RECOVER_CHUNK as u64 {
+                return Ok(RecoveryOutcome::Requeued(requeued));
+            }
+        }
     }
 
     pub async fn purge_history(&self, cutoff: i64, batch: usize) -> StoreResult<u64> {
