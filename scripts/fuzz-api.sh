@@ -56,6 +56,7 @@ stop_server() {
 trap stop_server EXIT
 
 BUSINESS=$(python3 -c 'import uuid; print(uuid.uuid4())')
+"$BINARY" migrate --database-url "$DATABASE_URL"
 CITAPRO_FUZZ_API_KEY=$("$BINARY" api-key create --business "$BUSINESS" \
     --database-url "$DATABASE_URL" | head -n 1)
 CITAPRO_FUZZ_PRODUCER_TOKEN=$("$BINARY" producer-token create --name fuzz \

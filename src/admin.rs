@@ -7,10 +7,25 @@
 use uuid::Uuid;
 
 use crate::domain::credentials::{generate_api_key, generate_producer_token, hash_credential};
-use crate::store::{Store, redact_url};
+use crate::store::{Store, redact_url, sqlite_path};
+
+/// Opens the database of a running or migrated service. A key written to a
+/// SQLite file that does not exist yet would work on no server, so a
+/// missing file is an error here instead of a new empty database.
+async fn open_existing(database_url: &str) -> anyhow::Result<Store> {
+    if let Some(path) = sqlite_path(database_url)
+        && !std::path::Path::new(&path).exists()
+    {
+        anyhow::bail!(
+            "the database file {path} does not exist; check --database-url, or create it \
+             with `citapro-webhooks migrate` or by starting `serve`"
+        );
+    }
+    Store::open(database_url).await
+}
 
 pub async fn create_api_key(database_url: &str, business: Uuid) -> anyhow::Result<()> {
-    let store = Store::open(database_url).await?;
+    let store = open_existing(database_url).await?;
     let key = generate_api_key();
     store
         .insert_api_key(business, hash_credential(&key))
@@ -30,7 +45,7 @@ pub async fn create_producer_token(database_url: &str, name: String) -> anyhow::
             "invalid --name {name:?}: a label of 1 to {MAX_TOKEN_NAME} characters is required"
         );
     }
-    let store = Store::open(database_url).await?;
+    let store = open_existing(database_url).await?;
     let token = generate_producer_token();
     store
         .insert_producer_token(name.clone(), hash_credential(&token))
@@ -56,7 +71,7 @@ pub async fn encrypt_secrets(
 ) -> anyhow::Result<()> {
     let cipher = crate::config::secret_cipher(encryption_key, previous_keys)?
         .ok_or_else(|| anyhow::anyhow!("set --encryption-key or CITAPRO_ENCRYPTION_KEY"))?;
-    let store = Store::open(database_url).await?;
+    let store = open_existing(database_url).await?;
     let mut encrypted = 0usize;
     for (id, stored) in store.webhook_secrets().await? {
         if cipher.is_current(&stored) {

@@ -65,7 +65,7 @@ pub enum Command {
         #[arg(long, env = "CITAPRO_PRODUCER_TOKEN", hide_env_values = true)]
         producer_token: String,
     },
-    /// Check a delivery signature over a body; exits 0 when valid, 1 when not.
+    /// Check a delivery signature over a body; exits 0 when valid, 1 when not, 2 on errors.
     Verify {
         /// The webhook's secret.
         #[arg(long, env = "CITAPRO_WEBHOOK_SECRET", hide_env_values = true)]
@@ -135,13 +135,13 @@ pub struct ServeArgs {
     /// A producer token accepted beside the stored ones.
     #[arg(long, env = "CITAPRO_PRODUCER_TOKEN", hide_env_values = true)]
     pub producer_token: Option<String>,
-    /// Waits before each retry, comma-separated (units ms, s, m, h).
+    /// Waits before each retry, comma-separated (units ms, s, m, h); empty for no retries.
     #[arg(long, env = "CITAPRO_RETRY_SCHEDULE", default_value = DEFAULT_RETRY_SCHEDULE,
           value_parser = config::parse_schedule)]
     pub retry_schedule: std::vec::Vec<Duration>,
     /// Deadline of one delivery attempt, connect to last response byte.
     #[arg(long, env = "CITAPRO_REQUEST_TIMEOUT", default_value = "10s",
-          value_parser = config::parse_duration)]
+          value_parser = config::parse_request_timeout)]
     pub request_timeout: Duration,
     /// How long a delivery lease outlasts the request timeout (tests only;
     /// hidden). A shorter margin makes another process take over a crashed

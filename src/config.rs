@@ -121,6 +121,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
+/// Parses the request timeout: a duration of at least 100 ms.
+pub fn parse_request_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = parse_duration(text)?;
+    if timeout < Duration::from_millis(100) {
+        return Err(format!("invalid request timeout {text:?}: at least 100ms"));
+    }
+    Ok(timeout)
+}
+
 /// Parses a comma-separated retry schedule such as `10s,60s,5m`. An empty
 /// string means no retries.
 pub fn parse_schedule(text: &str) -> Result<Vec<Duration>, String> {

@@ -8,8 +8,28 @@ use tracing_subscriber::EnvFilter;
 use citapro_webhooks::cli::{ApiKeyCommand, Cli, Command, LogFormat, ProducerTokenCommand};
 use citapro_webhooks::{admin, app, devtools};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Threads for blocking work (SQLite reads) at most. Each thread can hold
+/// a malloc arena of its own, so an unbounded pool grows memory under load.
+const MAX_BLOCKING_THREADS: usize = 16;
+
+fn main() -> std::process::ExitCode {
+    let outcome = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .build()
+        .context("starting the async runtime")
+        .and_then(|runtime| runtime.block_on(run()));
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // The cause chain on one line; no backtrace, whatever RUST_BACKTRACE says.
+            eprintln!("Error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let log_format = match &cli.command {
         Command::Serve(args) => args.log_format,
@@ -66,12 +86,20 @@ async fn main() -> anyhow::Result<()> {
             signature,
             file,
         } => {
-            if devtools::verify(&secret, &signature, file)? {
-                println!("valid");
-                Ok(())
-            } else {
-                println!("invalid");
-                std::process::exit(1);
+            // Exit status 2 tells an unreadable body apart from a forged one.
+            match devtools::verify(&secret, &signature, file) {
+                Ok(true) => {
+                    println!("valid");
+                    Ok(())
+                }
+                Ok(false) => {
+                    println!("invalid");
+                    std::process::exit(1);
+                }
+                Err(error) => {
+                    eprintln!("Error: {error:#}");
+                    std::process::exit(2);
+                }
             }
         }
     }

@@ -145,6 +145,7 @@ impl Bench {
 
     pub(crate) fn create_credentials(&self, database: &Database) -> anyhow::Result<Credentials> {
         let business = Uuid::new_v4();
+        self.binary.migrate(&database.url)?;
         let api_key = self.binary.create_api_key(business, &database.url)?;
         let producer_token = self.binary.create_producer_token(&database.url)?;
         Ok(Credentials {

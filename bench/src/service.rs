@@ -78,6 +78,24 @@ impl ServiceBinary {
         }
     }
 
+    /// Creates the database and its tables with `migrate`, which the key
+    /// commands need before `serve` has run.
+    pub fn migrate(&self, database_url: &str) -> anyhow::Result<()> {
+        let output = std::process::Command::new(&self.path)
+            .args(["migrate", "--database-url", database_url])
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {} migrate", self.path.display()))?;
+        if !output.status.success() {
+            bail!(
+                "`citapro-webhooks migrate` exited with {}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
     /// Creates an API key for `business` with `api-key create`.
     pub fn create_api_key(&self, business: Uuid, database_url: &str) -> anyhow::Result<String> {
         let business = business.to_string();

@@ -38,7 +38,7 @@ fn has_type(value: &Value, field_type: FieldType) -> bool {
     match field_type {
         FieldType::String => value.is_string(),
         FieldType::NullableString => value.is_string() || value.is_null(),
-        FieldType::Number => value.is_number(),
+        FieldType::Number => is_finite_number(value),
         FieldType::Integer => is_integer_literal(value),
         FieldType::NullableInteger => value.is_null() || is_integer_literal(value),
         FieldType::Boolean => value.is_boolean(),
@@ -50,11 +50,23 @@ fn has_type(value: &Value, field_type: FieldType) -> bool {
     }
 }
 
-/// Accepts only numbers written as integers, so a receiver that decodes the
-/// field into an integer type never meets `60.0` or `6e1`.
+/// Accepts only numbers written as integers that fit in 64 bits, so a
+/// receiver that decodes the field into an integer type never meets `60.0`,
+/// `6e1` or a value it cannot hold.
 fn is_integer_literal(value: &Value) -> bool {
     match value {
-        Value::Number(number) => !number.to_string().contains(['.', 'e', 'E']),
+        Value::Number(number) => {
+            let text = number.to_string();
+            !text.contains(['.', 'e', 'E']) && text.parse::<i64>().is_ok()
+        }
+        _ => false,
+    }
+}
+
+/// Accepts numbers that a double can hold, so no receiver reads infinity.
+fn is_finite_number(value: &Value) -> bool {
+    match value {
+        Value::Number(number) => number.to_string().parse::<f64>().is_ok_and(f64::is_finite),
         _ => false,
     }
 }
@@ -213,6 +225,19 @@ mod tests {
         let errors = check_tracked_types(&SERVICE, &snapshot);
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].key, "duration");
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_rejected() {
+        let snapshot = object(
+            serde_json::from_str(
+                r#"{"price": 1e999999, "duration": 123456789012345678901234567890}"#,
+            )
+            .unwrap(),
+        );
+        let errors = check_tracked_types(&SERVICE, &snapshot);
+        let keys: Vec<&str> = errors.iter().map(|error| error.key).collect();
+        assert_eq!(keys, ["duration", "price"]);
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub fn parse_webhook_url(text: &str, policy: DestinationPolicy) -> Result<Url, S
         "http" if policy.allow_http => {}
         scheme => return Err(format!("must use https, not {scheme}")),
     }
-    if !url.username().is_empty() || url.password().is_some() {
+    if !url.username().is_empty() || url.password().is_some() || has_user_info_marker(text) {
         return Err("must not contain user info".to_owned());
     }
     if url.fragment().is_some() {
@@ -48,6 +48,16 @@ pub fn parse_webhook_url(text: &str, policy: DestinationPolicy) -> Result<Url, S
         check_host(&host)?;
     }
     Ok(url)
+}
+
+/// Finds an `@` in the authority, which marks user info even when it is
+/// empty (`https://@example.com/`) and the parser drops it.
+fn has_user_info_marker(text: &str) -> bool {
+    let Some((_, rest)) = text.split_once("://") else {
+        return false;
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    rest[..authority_end].contains('@')
 }
 
 /// Rejects hosts that name this machine or a non-public address.
@@ -213,6 +223,8 @@ mod tests {
             "https://example.com/\t",
             "https://user:pass@example.com/",
             "https://user@example.com/",
+            "https://@example.com/",
+            "https://:@example.com/",
             "https://example.com/#frag",
             "https://localhost/",
             "https://LOCALHOST./",

@@ -273,7 +273,7 @@ impl Store {
 }
 
 /// Extracts the file path from a `sqlite:` URL.
-fn sqlite_path(url: &str) -> Option<String> {
+pub fn sqlite_path(url: &str) -> Option<String> {
     let rest = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))?;

@@ -115,3 +115,30 @@ async fn worker_serves_only_operations_routes() {
         .await;
     assert_problem(&response, 405, "POST /healthz on a worker");
 }
+
+#[test]
+fn key_commands_require_existing_database() {
+    let dir = tempfile::tempdir().expect("creating a temporary folder");
+    let missing = dir.path().join("missing").join("webhooks.db");
+    let database_url = format!("sqlite://{}", missing.display());
+    for args in [
+        vec![
+            "api-key",
+            "create",
+            "--business",
+            "550e8400-e29b-41d4-a716-446655440005",
+        ],
+        vec!["producer-token", "create", "--name", "typo"],
+    ] {
+        let output = std::process::Command::new(crate::helpers::SERVICE_BINARY)
+            .args(&args)
+            .args(["--database-url", &database_url])
+            .output()
+            .expect("running the command line");
+        assert!(!output.status.success(), "{args:?} must fail");
+        assert!(output.stdout.is_empty(), "{args:?} printed no key");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("does not exist"), "{args:?}: {stderr}");
+    }
+    assert!(!missing.exists(), "no database file was created");
+}
