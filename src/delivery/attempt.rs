@@ -90,15 +90,20 @@ pub(super) fn log_outcome(job: &Job, outcome: &AttemptOutcome, record: &AttemptR
     let attempt = job.auto_attempts + 1;
     let error_kind = outcome.error_kind.map(|kind| kind.as_str());
     if record.succeeded {
-        tracing::debug!(webhook.id = %job.webhook_id, delivery.id = %job.delivery_id, attempt, "delivered");
+        tracing::debug!(
+            webhook.id = %job.webhook_id, delivery.id = %job.delivery_id,
+            event.id = %job.event_id, attempt, "delivered"
+        );
     } else if record.retry_at.is_some() {
         tracing::warn!(
-            webhook.id = %job.webhook_id, delivery.id = %job.delivery_id, attempt,
+            webhook.id = %job.webhook_id, delivery.id = %job.delivery_id,
+            event.id = %job.event_id, attempt,
             status = outcome.status_code, error_kind, "attempt failed; retry scheduled"
         );
     } else {
         tracing::warn!(
-            webhook.id = %job.webhook_id, delivery.id = %job.delivery_id, attempt,
+            webhook.id = %job.webhook_id, delivery.id = %job.delivery_id,
+            event.id = %job.event_id, attempt,
             status = outcome.status_code, error_kind, "attempt failed; no retries left"
         );
     }

@@ -116,6 +116,7 @@ impl Trigger {
 pub struct Job {
     pub delivery_id: Uuid,
     pub webhook_id: Uuid,
+    pub event_id: Uuid,
     pub event: String,
     pub url: String,
     pub secret: String,

@@ -562,7 +562,8 @@ impl PostgresStore {
                  RETURNING d.id, d.webhook_id, d.event_id, d.event, d.auto_attempts,
                      due.due_at AS was_due_at
              )
-             SELECT l.id, l.webhook_id, l.event, l.auto_attempts, w.url, w.secret, e.payload
+             SELECT l.id, l.webhook_id, l.event, l.auto_attempts, w.url, w.secret, e.payload,
+                 l.event_id
              FROM leased l
              JOIN webhooks w ON w.id = l.webhook_id
              JOIN events e ON e.id = l.event_id
@@ -581,6 +582,7 @@ impl PostgresStore {
                 Ok(Job {
                     delivery_id: parse_uuid(row.try_get(0)?)?,
                     webhook_id: parse_uuid(row.try_get(1)?)?,
+                    event_id: parse_uuid(row.try_get(7)?)?,
                     event: row.try_get(2)?,
                     auto_attempts: row.try_get::<_, i64>(3)? as u32,
                     url: row.try_get(4)?,
@@ -857,7 +859,7 @@ impl PostgresStore {
         let client = self.client().await?;
         let row = query_opt(
             &client,
-            "SELECT d.event, d.auto_attempts, w.url, w.secret, e.payload
+            "SELECT d.event, d.auto_attempts, w.url, w.secret, e.payload, d.event_id
              FROM deliveries d
              JOIN webhooks w ON w.id = d.webhook_id
              JOIN events e ON e.id = d.event_id
@@ -875,6 +877,7 @@ impl PostgresStore {
         Ok(Some(Job {
             delivery_id,
             webhook_id,
+            event_id: parse_uuid(row.try_get(5)?)?,
             event: row.try_get(0)?,
             auto_attempts: row.try_get::<_, i64>(1)? as u32,
             url: row.try_get(2)?,
@@ -934,6 +937,7 @@ impl PostgresStore {
         Ok(Some(Job {
             delivery_id,
             webhook_id: test.webhook_id,
+            event_id,
             event: PING_EVENT.to_owned(),
             url: webhook.url,
             secret: webhook.secret,
@@ -1350,6 +1354,7 @@ async fn accept_event(
         jobs.push(Job {
             delivery_id: Uuid::now_v7(),
             webhook_id: parse_uuid(row.try_get(0)?)?,
+            event_id: event.id,
             event: event.event.name.to_owned(),
             url: row.try_get(1)?,
             secret: row.try_get(2)?,

@@ -514,7 +514,7 @@ impl SqliteStore {
         self.read(move |c| {
             let job = c
                 .prepare_cached(
-                    "SELECT d.event, d.auto_attempts, w.url, w.secret, e.payload
+                    "SELECT d.event, d.auto_attempts, w.url, w.secret, e.payload, d.event_id
                      FROM deliveries d
                      JOIN webhooks w ON w.id = d.webhook_id
                      JOIN events e ON e.id = d.event_id
@@ -530,6 +530,7 @@ impl SqliteStore {
                         Ok(Job {
                             delivery_id,
                             webhook_id,
+                            event_id: parse_uuid(row.get(5)?)?,
                             event: row.get(0)?,
                             auto_attempts: row.get(1)?,
                             url: row.get(2)?,
@@ -581,6 +582,7 @@ impl SqliteStore {
             Ok(Some(Job {
                 delivery_id,
                 webhook_id: test.webhook_id,
+                event_id,
                 event: PING_EVENT.to_owned(),
                 url: webhook.url,
                 secret: webhook.secret,
@@ -919,6 +921,7 @@ fn accept_event(c: &Connection, event: NewEvent) -> StoreResult<AcceptedEvent> {
         jobs.push(Job {
             delivery_id,
             webhook_id: parse_uuid(webhook_id)?,
+            event_id: event.id,
             event: event.event.name.to_owned(),
             url: row.get(1)?,
             secret: row.get(2)?,
@@ -945,7 +948,8 @@ fn find_due(c: &Connection, claim: &Claim) -> StoreResult<Vec<Job>> {
     )
     .context("encoding skipped webhooks")?;
     let mut select = c.prepare_cached(
-        "SELECT d.id, d.webhook_id, d.event, d.auto_attempts, w.url, w.secret, e.payload
+        "SELECT d.id, d.webhook_id, d.event, d.auto_attempts, w.url, w.secret, e.payload,
+            d.event_id
          FROM deliveries d
          JOIN webhooks w ON w.id = d.webhook_id
          JOIN events e ON e.id = d.event_id
@@ -959,6 +963,7 @@ fn find_due(c: &Connection, claim: &Claim) -> StoreResult<Vec<Job>> {
             Ok(Job {
                 delivery_id: parse_uuid(row.get(0)?)?,
                 webhook_id: parse_uuid(row.get(1)?)?,
+                event_id: parse_uuid(row.get(7)?)?,
                 event: row.get(2)?,
                 auto_attempts: row.get(3)?,
                 url: row.get(4)?,
