@@ -15,7 +15,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use serde_json::{Map, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Config, NoTls, Row};
 use uuid::Uuid;
@@ -63,15 +63,7 @@ const LISTEN_HEALTH_INTERVAL: Duration = Duration::from_secs(30);
 pub struct PostgresStore {
     pool: Pool,
     config: Arc<Config>,
-    /// Events waiting for the next group commit.
-    accepts: mpsc::UnboundedSender<PendingAccept>,
 }
-
-/// An event to accept, with the channel its outcome goes back on.
-type PendingAccept = (NewEvent, oneshot::Sender<StoreResult<AcceptedEvent>>);
-
-/// Events accepted in one transaction at most.
-const MAX_ACCEPT_BATCH: usize = 256;
 
 /// A parsed `postgres://` URL.
 struct ConnectionSettings {
@@ -288,12 +280,9 @@ impl PostgresStore {
             .create_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .context("building the PostgreSQL connection pool")?;
-        let (accepts, pending) = mpsc::unbounded_channel();
-        tokio::spawn(run_accepts(pool.clone(), pending));
         Ok(PostgresStore {
             pool,
             config: Arc::new(settings.config),
-            accepts,
         })
     }
 
@@ -530,15 +519,12 @@ impl PostgresStore {
         Ok(true)
     }
 
-    /// Accepts an event in the next group commit and returns after it.
     pub async fn accept_event(&self, event: NewEvent) -> StoreResult<AcceptedEvent> {
-        let (reply, outcome) = oneshot::channel();
-        self.accepts
-            .send((event, reply))
-            .map_err(|_| anyhow::anyhow!("the PostgreSQL accept task has stopped"))?;
-        outcome
-            .await
-            .map_err(|_| anyhow::anyhow!("the PostgreSQL accept task dropped an event"))?
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await?;
+        let accepted = accept_event(&transaction, event).await?;
+        transaction.commit().await?;
+        Ok(accepted)
     }
 
     pub async fn claim_due(&self, claim: Claim) -> StoreResult<Vec<Job>> {
@@ -1463,79 +1449,6 @@ async fn record_attempt(
     )
     .await?;
     Ok(())
-}
-
-/// Accepts the events of concurrent requests together: each event runs in
-/// a savepoint of one transaction, so a failing event leaves the others
-/// intact, and one commit covers them all. Every caller hears back only
-/// after that commit.
-async fn run_accepts(pool: Pool, mut pending: mpsc::UnboundedReceiver<PendingAccept>) {
-    let mut batch = Vec::new();
-    while pending.recv_many(&mut batch, MAX_ACCEPT_BATCH).await > 0 {
-        accept_batch(&pool, std::mem::take(&mut batch)).await;
-    }
-}
-
-async fn accept_batch(pool: &Pool, batch: Vec<PendingAccept>) {
-    let mut client = match pool.get().await {
-        Ok(client) => client,
-        Err(error) => {
-            let message = format!(
-                "getting a PostgreSQL connection from the pool failed: {}",
-                error_chain(&error)
-            );
-            for (_, reply) in batch {
-                let _ = reply.send(Err(StoreError::Backend(anyhow::anyhow!(message.clone()))));
-            }
-            return;
-        }
-    };
-    let mut transaction = match client.transaction().await {
-        Ok(transaction) => transaction,
-        Err(error) => {
-            let message = error_chain(&error);
-            for (_, reply) in batch {
-                let _ = reply.send(Err(StoreError::Backend(anyhow::anyhow!(message.clone()))));
-            }
-            return;
-        }
-    };
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for (event, reply) in batch {
-        let outcome = accept_in_savepoint(&mut transaction, event).await;
-        outcomes.push((reply, outcome));
-    }
-    match transaction.commit().await {
-        Ok(()) => {
-            for (reply, outcome) in outcomes {
-                let _ = reply.send(outcome);
-            }
-        }
-        Err(error) => {
-            let message = error_chain(&error);
-            tracing::error!(error = %message, "committing accepted events failed");
-            for (reply, _) in outcomes {
-                let _ = reply.send(Err(StoreError::Backend(anyhow::anyhow!(message.clone()))));
-            }
-        }
-    }
-}
-
-async fn accept_in_savepoint(
-    transaction: &mut deadpool_postgres::Transaction<'_>,
-    event: NewEvent,
-) -> StoreResult<AcceptedEvent> {
-    let savepoint = transaction.savepoint("accept_event").await?;
-    match accept_event(&savepoint, event).await {
-        Ok(accepted) => {
-            savepoint.commit().await?;
-            Ok(accepted)
-        }
-        Err(error) => {
-            savepoint.rollback().await?;
-            Err(error)
-        }
-    }
 }
 
 /// Columns of attempt rows, for one `INSERT … SELECT * FROM UNNEST`.
