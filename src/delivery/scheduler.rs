@@ -134,16 +134,22 @@ impl Scheduler {
                 }
             }
             Command::WebhookChanged { webhook_id, active } => {
+                let dropped: Vec<Uuid> = match self.endpoints.get_mut(&webhook_id) {
+                    Some(queue) => queue.waiting.drain(..).map(|job| job.delivery_id).collect(),
+                    None => Vec::new(),
+                };
+                for id in &dropped {
+                    self.held.remove(id);
+                }
+                self.waiting -= dropped.len();
                 if active {
                     self.disabled.remove(&webhook_id);
+                    // Queued jobs carry the old URL and secret: hand them
+                    // back, so the poller claims them again with the new ones.
+                    self.release(dropped);
                 } else {
+                    // Deactivation cancelled these deliveries in the store.
                     self.disabled.insert(webhook_id, Instant::now());
-                    if let Some(queue) = self.endpoints.get_mut(&webhook_id) {
-                        for job in queue.waiting.drain(..) {
-                            self.held.remove(&job.delivery_id);
-                            self.waiting -= 1;
-                        }
-                    }
                 }
                 self.disabled
                     .retain(|_, since| since.elapsed() < DISABLED_MEMORY);
@@ -180,15 +186,22 @@ impl Scheduler {
             self.waiting += 1;
             self.mark_ready(webhook_id);
         }
-        if !overflow.is_empty() {
-            let store = self.context.store.clone();
-            let owner = self.context.owner.clone();
-            tokio::spawn(async move {
-                if let Err(error) = store.release_leases(overflow, owner).await {
-                    tracing::error!(%error, "releasing leases of an endpoint's overflow failed");
-                }
-            });
+        self.release(overflow);
+    }
+
+    /// Gives leases back to the store, due at once, so the poller (of this
+    /// or another process) claims those deliveries again.
+    fn release(&self, delivery_ids: Vec<Uuid>) {
+        if delivery_ids.is_empty() {
+            return;
         }
+        let store = self.context.store.clone();
+        let owner = self.context.owner.clone();
+        tokio::spawn(async move {
+            if let Err(error) = store.release_leases(delivery_ids, owner).await {
+                tracing::error!(%error, "releasing leases of queued deliveries failed");
+            }
+        });
     }
 
     fn mark_ready(&mut self, webhook_id: Uuid) {

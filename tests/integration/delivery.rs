@@ -531,3 +531,43 @@ async fn hanging_endpoint_does_not_delay_others() {
         hanging.request_count()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_change_redirects_queued_deliveries() {
+    let options = ServiceOptions {
+        retry_schedule: vec![ms(200)],
+        request_timeout: std::time::Duration::from_secs(3),
+        ..ServiceOptions::default()
+    };
+    let (service, business, old_receiver, webhook) =
+        endpoint_answering(Reply::Hang, options, &["client.created"]).await;
+    for _ in 0..15 {
+        send_client_created(&service, &business).await;
+    }
+    // Ten attempts hang at the old URL; five deliveries wait behind them.
+    old_receiver.wait_for_requests(10).await;
+
+    let new_receiver = TestReceiver::start_with(Reply::Status(204)).await;
+    service
+        .update_webhook(
+            &business,
+            &webhook.id,
+            &new_receiver.url,
+            &["client.created"],
+            true,
+        )
+        .await;
+    let moved = new_receiver.wait_for_requests(5).await;
+    for request in &moved {
+        assert_eq!(
+            request.header("x-citapro-signature"),
+            hmac_hex(&webhook.secret, &request.body),
+            "signed with the same secret"
+        );
+    }
+    assert_eq!(
+        old_receiver.request_count(),
+        10,
+        "nothing more went to the old URL"
+    );
+}
