@@ -17,7 +17,7 @@ use crate::store::Job;
 
 /// The poller claims more only while fewer jobs than this wait here.
 pub(super) const LOCAL_BACKLOG: usize = 10_000;
-/// Jobs kept waiting for one endpoint at most; more are handed back to the
+/// Jobs kept waiting for one endpoint at most. More are handed back to the
 /// store, and the poller skips the endpoint while half of this waits.
 const ENDPOINT_BACKLOG: usize = 1000;
 /// Jobs waiting here in all at most before new ones are handed back.
@@ -40,7 +40,7 @@ pub(super) enum Command {
     Status(oneshot::Sender<LocalStatus>),
 }
 
-/// What the poller needs to know before claiming more work.
+/// The scheduler's load, which the poller reads before claiming more work.
 pub(super) struct LocalStatus {
     pub backlog: usize,
     pub full_endpoints: Vec<Uuid>,
