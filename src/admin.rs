@@ -35,7 +35,7 @@ pub async fn create_api_key(database_url: &str, business: Uuid) -> anyhow::Resul
     Ok(())
 }
 
-/// The longest producer token label, in characters.
+/// The maximum length of a producer token label, in characters.
 const MAX_TOKEN_NAME: usize = 200;
 
 pub async fn create_producer_token(database_url: &str, name: String) -> anyhow::Result<()> {

@@ -178,9 +178,9 @@ async fn forward_store_signals(
     }
 }
 
-/// Rows removed by one purge transaction at most, so deliveries never wait long.
+/// Rows removed by one purge transaction at most, so that other writes wait only briefly.
 const PURGE_BATCH: usize = 500;
-/// The longest wait between two purges.
+/// The maximum wait between two purges.
 const MAX_PURGE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Deletes history older than the retention period, in small batches. It

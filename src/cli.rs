@@ -47,7 +47,7 @@ pub enum Command {
         /// The webhook's secret, to check signatures.
         #[arg(long, env = "CITAPRO_WEBHOOK_SECRET", hide_env_values = true)]
         secret: Option<String>,
-        /// HTTP status to answer every delivery with.
+        /// HTTP status returned for every delivery.
         #[arg(long, default_value_t = 204)]
         status: u16,
     },
@@ -117,7 +117,7 @@ pub enum ApiKeyCommand {
 pub enum ProducerTokenCommand {
     /// Create a producer token and print it once.
     Create {
-        /// A label that says which producer uses the token.
+        /// A label naming the producer that uses the token.
         #[arg(long)]
         name: String,
         #[command(flatten)]

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::domain::destination::DestinationPolicy;
 
-/// Which parts of the service a `serve` process runs.
+/// The parts of the service that a `serve` process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Role {
     /// The HTTP API only: accepted events wait for a worker.

@@ -99,7 +99,7 @@ pub async fn trigger(
     let status = response.status();
     let text = response.text().await.unwrap_or_default();
     if !status.is_success() {
-        anyhow::bail!("the server answered {status}: {text}");
+        anyhow::bail!("the server responded with {status}: {text}");
     }
     println!("{text}");
     Ok(())

@@ -22,7 +22,7 @@ fn main() -> std::process::ExitCode {
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            // The cause chain on one line; no backtrace, whatever RUST_BACKTRACE says.
+            // The cause chain on one line, without a backtrace even when RUST_BACKTRACE is set.
             eprintln!("Error: {error:#}");
             std::process::ExitCode::FAILURE
         }
@@ -86,7 +86,7 @@ async fn run() -> anyhow::Result<()> {
             signature,
             file,
         } => {
-            // Exit status 2 tells an unreadable body apart from a forged one.
+            // Exit status 2 separates an unreadable body from a forged one.
             match devtools::verify(&secret, &signature, file) {
                 Ok(true) => {
                     println!("valid");

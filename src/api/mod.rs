@@ -70,7 +70,7 @@ impl AppState {
         dispatcher: Option<Dispatcher>,
         delivery: DeliveryContext,
     ) -> AppState {
-        // Start-up has already checked the keys, so an error here cannot happen.
+        // `app::run` builds the same cipher first and stops on invalid keys.
         let cipher = crate::config::secret_cipher(
             config.encryption_key.as_deref(),
             &config.previous_encryption_keys,
@@ -203,7 +203,7 @@ async fn health() -> axum::Json<Value> {
     axum::Json(serde_json::json!({"status": "ok"}))
 }
 
-/// Reports whether this process can do its work: the database answers (its
+/// Reports whether this process can do its work: the database is reachable (its
 /// migrations were applied at start) and, where it runs them, the delivery
 /// workers are running. The body names no cause; the log does.
 #[utoipa::path(
@@ -219,7 +219,7 @@ async fn ready(State(state): State<AppState>) -> Response {
     let store_ready = match state.store().ping().await {
         Ok(()) => true,
         Err(error) => {
-            tracing::warn!(%error, "readiness check: the database does not answer");
+            tracing::warn!(%error, "readiness check failed: the database is unreachable");
             false
         }
     };

@@ -335,7 +335,7 @@ pub struct UnprocessableContent(ProblemBody<'static>);
 #[allow(dead_code)]
 pub struct InternalServerError(ProblemBody<'static>);
 
-/// The service is not ready: the database does not answer, or the delivery workers stopped.
+/// The service is not ready: the database is unreachable, or the delivery workers stopped.
 #[derive(ToResponse)]
 #[response(content_type = "application/problem+json")]
 #[allow(dead_code)]

@@ -33,7 +33,7 @@ use sender::Sender;
 /// How long a lease outlasts the request deadline by default, to record the outcome.
 pub const DEFAULT_LEASE_MARGIN: Duration = Duration::from_secs(30);
 
-/// What the delivery side needs from the service.
+/// The shared state of the delivery workers.
 #[derive(Clone)]
 pub struct DeliveryContext {
     pub store: Store,

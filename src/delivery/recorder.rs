@@ -2,7 +2,7 @@
 //!
 //! Attempts that finish while a batch is being written wait and go into the
 //! next one, so a busy worker writes many attempts per transaction. Once a
-//! batch is stored, the scheduler forgets those deliveries, and the poller
+//! batch is stored, the scheduler drops those deliveries from its held set, and the poller
 //! is woken when a retry was scheduled.
 
 use std::sync::Arc;

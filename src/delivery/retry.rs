@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime};
 
-/// The longest wait a `Retry-After` header can impose.
+/// The maximum wait that a `Retry-After` header can impose.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// The largest share of a delay that jitter may add.

@@ -22,7 +22,7 @@ pub const MAX_RESPONSE_READ: usize = 64 * 1024;
 /// Response bytes kept in the attempt history.
 pub const MAX_RESPONSE_STORED: usize = 4 * 1024;
 
-/// What one attempt produced.
+/// The outcome of one attempt.
 #[derive(Debug, Clone)]
 pub struct AttemptOutcome {
     pub started_at_micros: i64,
@@ -131,7 +131,7 @@ impl Sender {
             let certificates = reqwest::Certificate::from_pem_bundle(&pem)
                 .with_context(|| format!("parsing the CA file {}", path.display()))?;
             if certificates.is_empty() {
-                anyhow::bail!("the CA file {} holds no PEM certificate", path.display());
+                anyhow::bail!("the CA file {} contains no PEM certificate", path.display());
             }
             for certificate in certificates {
                 builder = builder.add_root_certificate(certificate);

@@ -41,7 +41,7 @@ impl FieldType {
 pub struct TrackedField {
     /// The key used in `data.changes`.
     pub name: &'static str,
-    /// The key that holds the value in the entity snapshot. It differs from
+    /// The key of the value in the entity snapshot. It differs from
     /// `name` only for the booking's payment status (`payment_status`).
     pub snapshot_key: &'static str,
     pub field_type: FieldType,

@@ -23,7 +23,7 @@ pub struct DestinationPolicy {
     pub allow_private_targets: bool,
 }
 
-/// Validates a webhook URL and returns it parsed, or a message that says what is wrong.
+/// Validates a webhook URL and returns it parsed, or a message naming the problem.
 pub fn parse_webhook_url(text: &str, policy: DestinationPolicy) -> Result<Url, String> {
     if text.chars().count() > MAX_URL_LENGTH {
         return Err(format!("must be at most {MAX_URL_LENGTH} characters"));

@@ -261,7 +261,7 @@ impl Store {
         dispatch!(self, "replace_webhook_secret", s => s.replace_webhook_secret(id, old, new).await)
     }
 
-    /// Checks that the database answers.
+    /// Checks that the database is reachable.
     pub async fn ping(&self) -> StoreResult<()> {
         dispatch!(self, "ping", s => s.ping().await)
     }

@@ -76,7 +76,7 @@ pub struct Lease {
     pub until: i64,
 }
 
-/// What accepting an event stored.
+/// The result of accepting an event: its id and its new deliveries.
 #[derive(Debug)]
 pub struct AcceptedEvent {
     pub event_id: Uuid,
@@ -84,7 +84,7 @@ pub struct AcceptedEvent {
     pub jobs: Vec<Job>,
 }
 
-/// Why an attempt is made.
+/// The cause of an attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
     Automatic,
@@ -139,7 +139,7 @@ pub struct Claim {
     pub skip_webhooks: Vec<Uuid>,
 }
 
-/// Why an attempt failed.
+/// The kind of failure of an attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     Timeout,
@@ -348,7 +348,7 @@ pub struct Recovery {
     pub now: i64,
 }
 
-/// What a recovery request found.
+/// The outcome of a recovery request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecoveryOutcome {
     WebhookNotFound,
