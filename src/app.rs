@@ -49,6 +49,7 @@ pub async fn run(
     let sender = Sender::new(
         config.destinations,
         config.request_timeout,
+        config.max_in_flight,
         options.lookup,
         config.extra_ca_file.as_deref(),
     )?

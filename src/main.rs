@@ -8,6 +8,11 @@ use tracing_subscriber::EnvFilter;
 use citapro_webhooks::cli::{ApiKeyCommand, Cli, Command, LogFormat, ProducerTokenCommand};
 use citapro_webhooks::{admin, app, devtools};
 
+/// mimalloc keeps per-thread free lists and returns memory to the system
+/// sooner than the C library's allocator under many threads.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Threads for blocking work (SQLite reads) at most. Each thread can hold
 /// a malloc arena of its own, so an unbounded pool grows memory under load.
 const MAX_BLOCKING_THREADS: usize = 16;

@@ -110,19 +110,23 @@ pub struct Sender {
 impl Sender {
     /// Builds a sender. `lookup` replaces the system resolver (tests use it).
     /// Certificates in `extra_ca_file` (PEM) are trusted beside the system roots.
+    ///
+    /// Up to `max_in_flight` idle connections are kept per host: many webhooks
+    /// can share one host, and a burst should not close connections that the
+    /// next burst opens again.
     pub fn new(
         policy: DestinationPolicy,
         timeout: Duration,
+        max_in_flight: usize,
         lookup: Option<Arc<dyn Lookup>>,
         extra_ca_file: Option<&Path>,
     ) -> anyhow::Result<Sender> {
         let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
-            .timeout(timeout)
             .connect_timeout(timeout)
             .http1_only()
             .tcp_nodelay(true)
-            .pool_max_idle_per_host(64)
+            .pool_max_idle_per_host(max_in_flight.max(1))
             .pool_idle_timeout(Duration::from_secs(60))
             .no_proxy();
         if let Some(path) = extra_ca_file {
