@@ -1,21 +1,39 @@
 //! One HTTP attempt of one delivery: sign, POST, read a bounded response.
 
 use std::error::Error as StdError;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
-use reqwest::dns::{Addrs, Name, Resolve, Resolving};
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER, USER_AGENT};
-use url::Url;
+use bytes::Bytes;
+use http::header::{
+    ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT,
+};
+use http::{Method, Request, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 
 use super::retry::parse_retry_after;
 use crate::domain::destination::{DestinationPolicy, check_address, check_host};
 use crate::domain::signature::{sign_body, sign_standard};
 use crate::store::cipher::{SecretCipher, open_secret};
 use crate::store::{ErrorKind, Job};
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// The addresses a name resolves to, or why it does not resolve.
+pub type Resolving = Pin<Box<dyn Future<Output = Result<Vec<SocketAddr>, BoxError>> + Send>>;
 
 /// Response bytes read at most; the rest is never read.
 pub const MAX_RESPONSE_READ: usize = 64 * 1024;
@@ -42,13 +60,15 @@ impl AttemptOutcome {
     }
 }
 
-/// Resolves destination names and rejects any name with a non-public address.
+/// Resolves destination names and, unless private targets are allowed,
+/// rejects any name with a non-public address.
 ///
 /// The client connects to the addresses returned here, so the address that was
 /// checked is the address that is reached; TLS still uses the hostname.
 #[derive(Clone)]
 pub struct CheckedResolver {
     lookup: Arc<dyn Lookup>,
+    check: bool,
 }
 
 /// Looks up the addresses of a host name.
@@ -64,14 +84,14 @@ impl Lookup for SystemLookup {
         Box::pin(async move {
             let addresses: Vec<SocketAddr> =
                 tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            Ok(Box::new(addresses.into_iter()) as Addrs)
+            Ok(addresses)
         })
     }
 }
 
 impl CheckedResolver {
-    pub fn new(lookup: Arc<dyn Lookup>) -> CheckedResolver {
-        CheckedResolver { lookup }
+    pub fn new(lookup: Arc<dyn Lookup>, check: bool) -> CheckedResolver {
+        CheckedResolver { lookup, check }
     }
 }
 
@@ -80,27 +100,40 @@ impl CheckedResolver {
 #[error("destination not allowed: {0}")]
 pub struct DestinationBlocked(String);
 
-impl Resolve for CheckedResolver {
-    fn resolve(&self, name: Name) -> Resolving {
+impl tower_service::Service<Name> for CheckedResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
         let lookup = self.lookup.clone();
+        let check = self.check;
         let host = name.as_str().to_owned();
         Box::pin(async move {
-            let addresses: Vec<SocketAddr> = lookup.lookup(host.clone()).await?.collect();
+            let addresses = lookup.lookup(host.clone()).await?;
             if addresses.is_empty() {
                 return Err(format!("no address found for {host}").into());
             }
-            for address in &addresses {
-                check_address(address.ip()).map_err(DestinationBlocked)?;
+            if check {
+                for address in &addresses {
+                    check_address(address.ip()).map_err(DestinationBlocked)?;
+                }
             }
-            Ok(Box::new(addresses.into_iter()) as Addrs)
+            Ok(addresses.into_iter())
         })
     }
 }
 
+type HttpClient = Client<HttpsConnector<HttpConnector<CheckedResolver>>, Full<Bytes>>;
+
 /// Sends delivery attempts over a shared pool of keep-alive connections.
 #[derive(Clone)]
 pub struct Sender {
-    client: reqwest::Client,
+    client: HttpClient,
     policy: DestinationPolicy,
     timeout: Duration,
     /// Decrypts stored secrets, when they are stored encrypted.
@@ -121,32 +154,31 @@ impl Sender {
         lookup: Option<Arc<dyn Lookup>>,
         extra_ca_file: Option<&Path>,
     ) -> anyhow::Result<Sender> {
-        let mut builder = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(timeout)
-            .http1_only()
-            .tcp_nodelay(true)
-            .pool_max_idle_per_host(max_in_flight.max(1))
+        let lookup = lookup.unwrap_or_else(|| Arc::new(SystemLookup));
+        let resolver = CheckedResolver::new(lookup, !policy.allow_private_targets);
+        let mut http = HttpConnector::new_with_resolver(resolver);
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(timeout));
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .context("setting up TLS")?
+        .with_root_certificates(trusted_roots(extra_ca_file)?)
+        .with_no_client_auth();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
-            .no_proxy();
-        if let Some(path) = extra_ca_file {
-            let pem = std::fs::read(path)
-                .with_context(|| format!("reading the CA file {}", path.display()))?;
-            let certificates = reqwest::Certificate::from_pem_bundle(&pem)
-                .with_context(|| format!("parsing the CA file {}", path.display()))?;
-            if certificates.is_empty() {
-                anyhow::bail!("the CA file {} contains no PEM certificate", path.display());
-            }
-            for certificate in certificates {
-                builder = builder.add_root_certificate(certificate);
-            }
-        }
-        if !policy.allow_private_targets {
-            let lookup = lookup.unwrap_or_else(|| Arc::new(SystemLookup));
-            builder = builder.dns_resolver(Arc::new(CheckedResolver::new(lookup)));
-        }
+            .pool_max_idle_per_host(max_in_flight.max(1))
+            .build(https);
         Ok(Sender {
-            client: builder.build()?,
+            client,
             policy,
             timeout,
             cipher: None,
@@ -183,9 +215,14 @@ impl Sender {
             }
         };
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let mut outcome = match self.destination_error(&job.url) {
-            Some(kind) => failure(kind),
-            None => self.post(job, &secret, deadline).await,
+        let mut outcome = match Uri::try_from(job.url.as_str()) {
+            // Stored URLs were validated at registration, so this only
+            // happens to a URL the HTTP library reads differently.
+            Err(_) => failure(ErrorKind::Connect),
+            Ok(uri) => match self.destination_error(&uri) {
+                Some(kind) => failure(kind),
+                None => self.post(job, uri, &secret, deadline).await,
+            },
         };
         outcome.started_at_micros = started_at_micros;
         outcome.duration_ms = started.elapsed().as_millis() as i64;
@@ -193,15 +230,16 @@ impl Sender {
     }
 
     /// Checks a URL whose host is an IP literal, which skips name resolution.
-    fn destination_error(&self, url: &str) -> Option<ErrorKind> {
+    fn destination_error(&self, uri: &Uri) -> Option<ErrorKind> {
         if self.policy.allow_private_targets {
             return None;
         }
-        let parsed = Url::parse(url).ok()?;
-        let host = parsed.host()?;
-        check_host(&host)
-            .err()
-            .map(|_| ErrorKind::DestinationNotAllowed)
+        let checked = match url::Host::parse(uri.host()?).ok()? {
+            url::Host::Domain(name) => check_host(&url::Host::Domain(name.as_str())),
+            url::Host::Ipv4(address) => check_host(&url::Host::Ipv4(address)),
+            url::Host::Ipv6(address) => check_host(&url::Host::Ipv6(address)),
+        };
+        checked.err().map(|_| ErrorKind::DestinationNotAllowed)
     }
 
     /// Sends the request and reads the response until `deadline`. Headers
@@ -211,16 +249,15 @@ impl Sender {
     async fn post(
         &self,
         job: &Job,
+        uri: Uri,
         secret: &str,
         deadline: tokio::time::Instant,
     ) -> AttemptOutcome {
-        let headers = delivery_headers(job, secret);
-        let request = self
-            .client
-            .post(job.url.as_str())
-            .headers(headers)
-            .body(job.payload.clone());
-        let mut response = match tokio::time::timeout_at(deadline, request.send()).await {
+        let mut request = Request::new(Full::new(job.payload.clone()));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = delivery_headers(job, secret);
+        let response = match tokio::time::timeout_at(deadline, self.client.request(request)).await {
             Ok(Ok(response)) => response,
             Ok(Err(error)) => return failure(classify(&error)),
             Err(_) => return failure(ErrorKind::Timeout),
@@ -232,18 +269,22 @@ impl Sender {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| parse_retry_after(value, SystemTime::now()));
 
+        let mut body = response.into_body();
         let mut kept = Vec::new();
         let mut read = 0usize;
         while read < MAX_RESPONSE_READ {
-            match tokio::time::timeout_at(deadline, response.chunk()).await {
-                Ok(Ok(Some(chunk))) => {
+            match tokio::time::timeout_at(deadline, body.frame()).await {
+                Ok(Some(Ok(frame))) => {
+                    let Ok(chunk) = frame.into_data() else {
+                        continue;
+                    };
                     read += chunk.len();
                     let room = MAX_RESPONSE_STORED.saturating_sub(kept.len());
                     kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
                 }
                 // The status line alone decides the outcome; a body that ends
                 // badly or late is only cut short.
-                Ok(Ok(None)) | Ok(Err(_)) | Err(_) => break,
+                Ok(None) | Ok(Some(Err(_))) | Err(_) => break,
             }
         }
         let success = (200..300).contains(&status);
@@ -256,6 +297,31 @@ impl Sender {
             retry_after: if status == 429 { retry_after } else { None },
         }
     }
+}
+
+/// The system's trusted roots plus the PEM certificates of `extra_ca_file`.
+fn trusted_roots(extra_ca_file: Option<&Path>) -> anyhow::Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    // Unreadable system certificates are skipped, as browsers do; a system
+    // with none still reaches receivers signed by the extra CA.
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
+    if let Some(path) = extra_ca_file {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("reading the CA file {}", path.display()))?;
+        let certificates = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("parsing the CA file {}", path.display()))?;
+        if certificates.is_empty() {
+            anyhow::bail!("the CA file {} contains no PEM certificate", path.display());
+        }
+        for certificate in certificates {
+            roots
+                .add(certificate)
+                .with_context(|| format!("adding a certificate of {}", path.display()))?;
+        }
+    }
+    Ok(roots)
 }
 
 fn failure(kind: ErrorKind) -> AttemptOutcome {
@@ -280,10 +346,10 @@ pub fn delivery_headers(job: &Job, secret: &str) -> HeaderMap {
     let signature = sign_body(secret, &job.payload);
     let standard = sign_standard(secret, &delivery_id, timestamp, &job.payload);
 
-    let mut headers = HeaderMap::with_capacity(9);
+    let mut headers = HeaderMap::with_capacity(10);
     let mut put = |name: &'static str, value: String| {
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            headers.insert(name, value);
+        if let Ok(value) = HeaderValue::try_from(value) {
+            headers.insert(HeaderName::from_static(name), value);
         }
     };
     put("x-citapro-event", job.event.clone());
@@ -298,14 +364,12 @@ pub fn delivery_headers(job: &Job, secret: &str) -> HeaderMap {
         USER_AGENT,
         HeaderValue::from_static(concat!("CitaPro-Webhooks/", env!("CARGO_PKG_VERSION"))),
     );
+    headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
     headers
 }
 
 /// Maps a client error to the error kind recorded with the attempt.
-fn classify(error: &reqwest::Error) -> ErrorKind {
-    if error.is_timeout() {
-        return ErrorKind::Timeout;
-    }
+fn classify(error: &hyper_util::client::legacy::Error) -> ErrorKind {
     let mut source: Option<&(dyn StdError + 'static)> = error.source();
     while let Some(cause) = source {
         if cause.is::<DestinationBlocked>() {
@@ -315,14 +379,16 @@ fn classify(error: &reqwest::Error) -> ErrorKind {
             return ErrorKind::Tls;
         }
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            // With reqwest 0.12 and tokio-rustls 0.26, a certificate error
-            // arrives as an I/O error (kind Other) wrapping an I/O error (kind
-            // InvalidData) wrapping the rustls error. `io::Error::source`
+            // tokio-rustls reports a certificate error as an I/O error (kind
+            // InvalidData) wrapping the rustls error, and `io::Error::source`
             // skips wrapped errors, so unwrap them one by one.
             let mut wrapped = io.get_ref();
             while let Some(inner) = wrapped {
                 if inner.is::<rustls::Error>() {
                     return ErrorKind::Tls;
+                }
+                if inner.is::<DestinationBlocked>() {
+                    return ErrorKind::DestinationNotAllowed;
                 }
                 wrapped = inner
                     .downcast_ref::<std::io::Error>()

@@ -12,8 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use citapro_webhooks::delivery::sender::Lookup;
-use reqwest::dns::{Addrs, Resolving};
+use citapro_webhooks::delivery::sender::{Lookup, Resolving};
 use serde_json::json;
 
 use crate::helpers::{TestReceiver, assert_invalid_field, ms};
@@ -68,7 +67,7 @@ impl Lookup for ScriptedLookup {
         });
         Box::pin(async move {
             match answer {
-                Some(addresses) => Ok(Box::new(addresses.into_iter()) as Addrs),
+                Some(addresses) => Ok(addresses),
                 None => Err(format!("{host} is not a scripted test name").into()),
             }
         })
