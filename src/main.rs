@@ -9,7 +9,9 @@ use citapro_webhooks::cli::{ApiKeyCommand, Cli, Command, LogFormat, ProducerToke
 use citapro_webhooks::{admin, app, devtools};
 
 /// mimalloc keeps per-thread free lists and returns memory to the system
-/// sooner than the C library's allocator under many threads.
+/// sooner than the C library's allocator under many threads. It is built
+/// without transparent huge pages, which would keep whole 2 MiB pages
+/// resident for a few live objects.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

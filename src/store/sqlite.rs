@@ -35,7 +35,10 @@ const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_milli
 /// Reader connections kept open.
 const READERS: usize = 4;
 
-const MIGRATIONS: &[&str] = &[include_str!("sql/sqlite_v1.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("sql/sqlite_v1.sql"),
+    include_str!("sql/sqlite_v2.sql"),
+];
 
 type Completion = Box<dyn FnOnce(Result<(), String>) + Send>;
 type WriteOp = Box<dyn FnOnce(Option<&Connection>) -> (bool, Completion) + Send>;
@@ -622,46 +625,65 @@ impl SqliteStore {
             RecoveryOutcome::Requeued(_) if !recovery.dry_run => {}
             other => return Ok(other),
         }
+        // Each chunk resumes after the last row of the one before, in
+        // (created_at, id) order, so no chunk reads the rows already requeued.
         let mut requeued = 0u64;
+        let mut after: (i64, String) = (recovery.since, String::new());
         loop {
             let chunk = recovery.clone();
-            let changed = self
+            let start = after.clone();
+            let (changed, last) = self
                 .write(move |c| {
-                    let changed = c.execute(
+                    let mut statement = c.prepare_cached(
                         "UPDATE deliveries SET status = 'pending', auto_attempts = 0, due_at = ?4,
                             next_attempt_at = ?4, leased_by = NULL
                          WHERE id IN (
                             SELECT id FROM deliveries
-                            WHERE webhook_id = ?1 AND created_at >= ?2 AND created_at < ?3
+                            WHERE webhook_id = ?1 AND (created_at, id) > (?2, ?6)
+                              AND created_at < ?3
                               AND status IN ('failed', 'cancelled') AND is_test = 0
-                            LIMIT ?5)",
-                        params![
-                            chunk.webhook_id.to_string(),
-                            chunk.since,
-                            chunk.until,
-                            chunk.now,
-                            RECOVER_CHUNK as i64,
-                        ],
+                            ORDER BY created_at, id
+                            LIMIT ?5)
+                         RETURNING created_at, id",
                     )?;
-                    Ok(changed as u64)
+                    let rows = statement
+                        .query_map(
+                            params![
+                                chunk.webhook_id.to_string(),
+                                start.0,
+                                chunk.until,
+                                chunk.now,
+                                RECOVER_CHUNK as i64,
+                                start.1,
+                            ],
+                            |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)),
+                        )?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let changed = rows.len() as u64;
+                    Ok((changed, rows.into_iter().max()))
                 })
                 .await?;
             requeued += changed;
-            if changed < RECOVER_CHUNK as u64 {
-                return Ok(RecoveryOutcome::Requeued(requeued));
+            match last {
+                Some(last) if changed == RECOVER_CHUNK as u64 => after = last,
+                _ => return Ok(RecoveryOutcome::Requeued(requeued)),
             }
         }
     }
 
+    /// Deletes finished deliveries and unreferenced events created before
+    /// `cutoff`. Rows are found by primary key: a UUID v7 created before
+    /// `cutoff` sorts below [`v7_floor`] of it.
     pub async fn purge_history(&self, cutoff: i64, batch: usize) -> StoreResult<u64> {
+        let floor = v7_floor(cutoff);
         self.write(move |c| {
             let ids: Vec<String> = c
                 .prepare_cached(
                     "SELECT id FROM deliveries
-                     WHERE created_at < ?1 AND status <> 'pending'
-                     ORDER BY created_at LIMIT ?2",
+                     WHERE id < ?3 AND created_at < ?1 AND status <> 'pending'
+                     ORDER BY id LIMIT ?2",
                 )?
-                .query_map(params![cutoff, batch as i64], |row| row.get(0))?
+                .query_map(params![cutoff, batch as i64, floor], |row| row.get(0))?
                 .collect::<Result<Vec<_>, _>>()?;
             let mut attempts = c.prepare_cached("DELETE FROM attempts WHERE delivery_id = ?1")?;
             let mut deliveries = c.prepare_cached("DELETE FROM deliveries WHERE id = ?1")?;
@@ -669,18 +691,31 @@ impl SqliteStore {
                 attempts.execute(params![id])?;
                 deliveries.execute(params![id])?;
             }
-            let events = c.execute(
-                "DELETE FROM events WHERE id IN (
-                    SELECT e.id FROM events e
-                    WHERE e.created_at < ?1
-                      AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id)
-                    LIMIT ?2)",
-                params![cutoff, batch as i64],
-            )?;
+            let events = c
+                .prepare_cached(
+                    "DELETE FROM events WHERE id IN (
+                        SELECT e.id FROM events e
+                        WHERE e.id < ?3 AND e.created_at < ?1
+                          AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id)
+                        ORDER BY e.id LIMIT ?2)",
+                )?
+                .execute(params![cutoff, batch as i64, floor])?;
             Ok((ids.len() + events) as u64)
         })
         .await
     }
+}
+
+/// The text of the smallest UUID v7 with the millisecond of `micros`: every
+/// v7 id generated earlier sorts below it, as the hexadecimal text of the
+/// timestamp leads the id.
+fn v7_floor(micros: i64) -> String {
+    let millis = (micros.max(0) / 1000) as u64 & 0xffff_ffff_ffff;
+    format!(
+        "{:08x}-{:04x}-0000-0000-000000000000",
+        millis >> 16,
+        millis & 0xffff
+    )
 }
 
 const DELIVERY_COLUMNS: &str = "d.id, d.webhook_id, d.event_id, d.event, d.aggregate_id, \
@@ -1113,5 +1148,120 @@ impl SqliteStore {
             Ok(stats)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v7_floor_orders_ids_by_time() {
+        let micros = 1_780_000_000_123_456;
+        let floor = v7_floor(micros);
+        let millis = (micros / 1000) as u64;
+        let at = |ms: u64| {
+            Uuid::new_v7(uuid::Timestamp::from_unix_time(
+                ms / 1000,
+                (ms % 1000) as u32 * 1_000_000,
+                0,
+                0,
+            ))
+            .to_string()
+        };
+        assert!(at(millis - 1) < floor);
+        assert!(at(millis) >= floor);
+        assert!(at(millis + 1) > floor);
+        assert_eq!(v7_floor(-5), "00000000-0000-0000-0000-000000000000");
+    }
+
+    /// A recovery larger than one chunk requeues every row once, also when
+    /// many rows share one `created_at` across a chunk boundary.
+    #[tokio::test]
+    async fn recovery_spans_chunks() {
+        let folder = tempfile::tempdir().expect("a temporary folder");
+        let path = folder.path().join("store.db");
+        let store = SqliteStore::open(path.to_str().expect("a UTF-8 path"))
+            .await
+            .expect("opening the store");
+        let business = Uuid::new_v4();
+        let webhook = Uuid::now_v7();
+        let total = 2 * RECOVER_CHUNK + 7;
+        store
+            .write(move |c| {
+                c.execute(
+                    "INSERT INTO webhooks (id, business_id, url, events, is_active, secret,
+                        created_at, updated_at)
+                     VALUES (?1, ?2, 'http://127.0.0.1:9/', 'booking.created', 1, 's', 0, 0)",
+                    params![webhook.to_string(), business.to_string()],
+                )?;
+                let mut insert = c.prepare(
+                    "INSERT INTO deliveries (id, webhook_id, event_id, event, aggregate_id,
+                        status, created_at)
+                     VALUES (?1, ?2, ?3, 'booking.created', 'a', ?4, ?5)",
+                )?;
+                for n in 0..total {
+                    // Three timestamps only, so chunk edges fall inside runs of equal times.
+                    let status = if n % 10 == 0 { "cancelled" } else { "failed" };
+                    insert.execute(params![
+                        Uuid::now_v7().to_string(),
+                        webhook.to_string(),
+                        Uuid::now_v7().to_string(),
+                        status,
+                        (n % 3) as i64 + 100,
+                    ])?;
+                }
+                // A delivery still pending and one outside the window stay as they are.
+                insert.execute(params![
+                    Uuid::now_v7().to_string(),
+                    webhook.to_string(),
+                    Uuid::now_v7().to_string(),
+                    "pending",
+                    101,
+                ])?;
+                insert.execute(params![
+                    Uuid::now_v7().to_string(),
+                    webhook.to_string(),
+                    Uuid::now_v7().to_string(),
+                    "failed",
+                    500,
+                ])?;
+                Ok(())
+            })
+            .await
+            .expect("inserting failed deliveries");
+
+        let outcome = store
+            .recover(Recovery {
+                business_id: business,
+                webhook_id: webhook,
+                since: 100,
+                until: 200,
+                dry_run: false,
+                now: 42,
+            })
+            .await
+            .expect("recovering");
+        assert_eq!(outcome, RecoveryOutcome::Requeued(total as u64));
+        let counts: Vec<(String, i64, Option<i64>)> = store
+            .read(|c| {
+                let rows = c
+                    .prepare(
+                        "SELECT status, COUNT(*), MIN(due_at) FROM deliveries
+                         GROUP BY status ORDER BY status",
+                    )?
+                    .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
+            })
+            .await
+            .expect("counting deliveries");
+        assert_eq!(
+            counts,
+            vec![
+                ("failed".to_owned(), 1, None),
+                ("pending".to_owned(), total as i64 + 1, Some(42)),
+            ]
+        );
     }
 }
