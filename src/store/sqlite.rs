@@ -32,6 +32,10 @@ const READER_CACHE_KIB: i64 = 4 * 1024;
 
 /// The wait between two WAL checkpoints.
 const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// The wait between two checkpoints run by the writer itself (see [`run_writer`]).
+const WRITER_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+/// The size SQLite cuts the WAL file back to when it starts the WAL over.
+const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 /// Reader connections kept open.
 const READERS: usize = 4;
 
@@ -109,6 +113,7 @@ impl SqliteStore {
         // Checkpoints run on a thread of their own, so commits never wait
         // for the WAL to be copied back into the database file.
         writer.pragma_update(None, "wal_autocheckpoint", 0)?;
+        writer.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
         let checkpointer = open_connection(&path)?;
 
         let (sender, receiver) = mpsc::channel::<WriteOp>();
@@ -750,18 +755,21 @@ fn webhook_exists(c: &Connection, business_id: Uuid, webhook_id: Uuid) -> StoreR
 fn run_checkpoints(connection: Connection, store: std::sync::Weak<Inner>) {
     while store.strong_count() > 0 {
         std::thread::sleep(CHECKPOINT_INTERVAL);
-        let result: rusqlite::Result<(i64, i64, i64)> =
-            connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
-                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-            });
-        if let Err(error) = result {
-            tracing::warn!(%error, "SQLite checkpoint failed");
-        }
+        checkpoint(&connection);
     }
 }
 
 /// Runs the writer loop until every sender is gone.
+///
+/// The checkpoint thread copies most of the WAL back, but while commits
+/// keep coming it never catches up with the last frame, and SQLite starts
+/// the WAL over only once every frame is copied. The WAL would then grow
+/// for as long as the load lasts, and every commit would write to newly
+/// allocated file blocks. So now and then the writer itself checkpoints
+/// between two transactions, when no new frame can arrive; little is left
+/// to copy by then, and the next commit starts the WAL from its beginning.
 fn run_writer(connection: Connection, receiver: mpsc::Receiver<WriteOp>) {
+    let mut last_checkpoint = std::time::Instant::now();
     while let Ok(first) = receiver.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -771,6 +779,21 @@ fn run_writer(connection: Connection, receiver: mpsc::Receiver<WriteOp>) {
             }
         }
         run_batch(&connection, batch);
+        if last_checkpoint.elapsed() >= WRITER_CHECKPOINT_INTERVAL {
+            checkpoint(&connection);
+            last_checkpoint = std::time::Instant::now();
+        }
+    }
+}
+
+/// Copies the WAL back into the database file as far as readers allow.
+fn checkpoint(connection: &Connection) {
+    let result: rusqlite::Result<(i64, i64, i64)> =
+        connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        });
+    if let Err(error) = result {
+        tracing::warn!(%error, "SQLite checkpoint failed");
     }
 }
 
