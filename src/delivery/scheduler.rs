@@ -22,6 +22,11 @@ pub(super) const LOCAL_BACKLOG: usize = 10_000;
 const ENDPOINT_BACKLOG: usize = 1000;
 /// Jobs waiting here in all at most before new ones are handed back.
 const MAX_WAITING: usize = 2 * LOCAL_BACKLOG;
+/// Attempts finished but not yet stored, at most. When the store falls
+/// behind the receivers, no new attempt starts until some are stored, so
+/// the outcomes waiting in memory (and the attempts that a crash would make
+/// again) stay bounded.
+const MAX_UNRECORDED: usize = 4096;
 /// How long a deactivated or deleted endpoint's late-arriving jobs are dropped.
 const DISABLED_MEMORY: Duration = Duration::from_secs(300);
 
@@ -215,8 +220,18 @@ impl Scheduler {
         }
     }
 
+    /// Attempts that have finished and wait to be stored: the held
+    /// deliveries that are neither waiting nor in flight.
+    fn unrecorded(&self) -> usize {
+        self.held
+            .len()
+            .saturating_sub(self.waiting + self.in_flight)
+    }
+
     fn start_ready(&mut self, attempts: &mut JoinSet<()>) {
-        while self.in_flight < self.max_in_flight {
+        while self.in_flight < self.max_in_flight
+            && self.in_flight + self.unrecorded() < MAX_UNRECORDED
+        {
             let Some(webhook_id) = self.ready.pop_front() else {
                 break;
             };
