@@ -14,16 +14,18 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Config, NoTls, Row};
 use uuid::Uuid;
 
+use self::accept::AcceptQueue;
 use super::model::*;
 use super::{StoreError, StoreResult, redact_url};
 use crate::domain::clock::now_micros;
-use crate::domain::payload::{PING_EVENT, build_payload};
+use crate::domain::payload::PING_EVENT;
+
+mod accept;
 
 /// The channel that announces deliveries due now which no process holds.
 pub const DUE_CHANNEL: &str = "citapro_due";
@@ -50,6 +52,11 @@ const WEBHOOK_LIMIT_LOCK_CLASS: i32 = 0x6369_7477;
 
 const MIGRATIONS: &[&str] = &[include_str!("sql/postgres_v1.sql")];
 
+/// Event batches written at once, each on its own pool connection. Fewer
+/// batches make larger ones, which cost less CPU per event; a second one
+/// keeps events flowing while the first waits for its commit.
+const ACCEPT_BATCHES: usize = 2;
+
 /// Signals buffered for the listener's consumer.
 const SIGNAL_BUFFER: usize = 256;
 /// The first and the longest wait before the listener reconnects.
@@ -63,6 +70,7 @@ const LISTEN_HEALTH_INTERVAL: Duration = Duration::from_secs(30);
 pub struct PostgresStore {
     pool: Pool,
     config: Arc<Config>,
+    accept_queue: AcceptQueue,
 }
 
 /// A parsed `postgres://` URL.
@@ -230,9 +238,13 @@ async fn query_one(client: &impl GenericClient, sql: &str, params: Params<'_>) -
     Ok(client.query_one(&statement, params).await?)
 }
 
+/// Queues the notification of `$2` on channel `$1`; PostgreSQL sends it when
+/// the transaction commits.
+const NOTIFY: &str = "SELECT pg_notify($1, $2)";
+
 /// Queues a notification that is sent when the transaction commits.
 async fn notify(client: &impl GenericClient, channel: &str, payload: &str) -> StoreResult<()> {
-    execute(client, "SELECT pg_notify($1, $2)", &[&channel, &payload]).await?;
+    execute(client, NOTIFY, &[&channel, &payload]).await?;
     Ok(())
 }
 
@@ -250,6 +262,15 @@ pub(super) fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+async fn pool_client(pool: &Pool) -> StoreResult<deadpool_postgres::Client> {
+    pool.get().await.map_err(|error| {
+        StoreError::Backend(anyhow::anyhow!(
+            "getting a PostgreSQL connection from the pool failed: {}",
+            error_chain(&error)
+        ))
+    })
 }
 
 fn parse_uuid(text: &str) -> StoreResult<Uuid> {
@@ -280,19 +301,16 @@ impl PostgresStore {
             .create_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .context("building the PostgreSQL connection pool")?;
+        let accept_queue = AcceptQueue::start(pool.clone(), ACCEPT_BATCHES);
         Ok(PostgresStore {
             pool,
             config: Arc::new(settings.config),
+            accept_queue,
         })
     }
 
     async fn client(&self) -> StoreResult<deadpool_postgres::Client> {
-        self.pool.get().await.map_err(|error| {
-            StoreError::Backend(anyhow::anyhow!(
-                "getting a PostgreSQL connection from the pool failed: {}",
-                error_chain(&error)
-            ))
-        })
+        pool_client(&self.pool).await
     }
 
     /// Starts a task that listens on [`DUE_CHANNEL`] and [`WEBHOOK_CHANNEL`]
@@ -519,12 +537,10 @@ impl PostgresStore {
         Ok(true)
     }
 
+    /// Writes the event in a batch with other concurrent calls, and returns
+    /// after that batch committed.
     pub async fn accept_event(&self, event: NewEvent) -> StoreResult<AcceptedEvent> {
-        let mut client = self.client().await?;
-        let transaction = client.transaction().await?;
-        let accepted = accept_event(&transaction, event).await?;
-        transaction.commit().await?;
-        Ok(accepted)
+        self.accept_queue.accept(event).await
     }
 
     pub async fn claim_due(&self, claim: Claim) -> StoreResult<Vec<Job>> {
@@ -1244,143 +1260,6 @@ async fn webhook_exists(
     )
     .await?;
     Ok(row.is_some())
-}
-
-async fn accept_event(
-    transaction: &deadpool_postgres::Transaction<'_>,
-    event: NewEvent,
-) -> StoreResult<AcceptedEvent> {
-    let business = event.business_id.to_string();
-    let aggregate = event.aggregate_id.to_string();
-    let entity = event.event.entity.name;
-
-    let payload = match event.payload {
-        Some(payload) => payload,
-        None => {
-            // FOR UPDATE makes a concurrent event of the same aggregate wait,
-            // so each update's `changes` start from the state before it.
-            let stored = query_opt(
-                transaction,
-                "SELECT state FROM aggregate_states
-                 WHERE business_id = $1 AND entity = $2 AND aggregate_id = $3
-                 FOR UPDATE",
-                &[&business, &entity, &aggregate],
-            )
-            .await?;
-            let stored: String = stored
-                .ok_or(StoreError::NoPreviousState(event.aggregate_id))?
-                .try_get(0)?;
-            let previous: Map<String, Value> =
-                serde_json::from_str(&stored).context("decoding a stored aggregate state")?;
-            build_payload(
-                event.event,
-                event.aggregate_id,
-                &event.occurred_on,
-                &event.data,
-                Some(&previous),
-            )
-        }
-    };
-
-    let event_id = event.id.to_string();
-    execute(
-        transaction,
-        "INSERT INTO events (id, business_id, event, aggregate_id, payload, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6)",
-        &[
-            &event_id,
-            &business,
-            &event.event.name,
-            &aggregate,
-            &payload,
-            &event.accepted_at,
-        ],
-    )
-    .await?;
-
-    if event.event.is_deletion() {
-        execute(
-            transaction,
-            "DELETE FROM aggregate_states
-             WHERE business_id = $1 AND entity = $2 AND aggregate_id = $3",
-            &[&business, &entity, &aggregate],
-        )
-        .await?;
-    } else {
-        let state = serde_json::to_string(&event.data).context("encoding an aggregate state")?;
-        execute(
-            transaction,
-            "INSERT INTO aggregate_states (business_id, entity, aggregate_id, state, updated_at)
-             VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (business_id, entity, aggregate_id)
-             DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
-            &[&business, &entity, &aggregate, &state, &event.accepted_at],
-        )
-        .await?;
-    }
-
-    // FOR SHARE makes a concurrent deactivation or deletion of a subscriber
-    // wait for this commit, so it cancels or deletes the deliveries added here.
-    let subscribers = query(
-        transaction,
-        "SELECT id, url, secret FROM webhooks
-         WHERE business_id = $1 AND is_active AND $2 = ANY(string_to_array(events, ','))
-         FOR SHARE",
-        &[&business, &event.event.name],
-    )
-    .await?;
-
-    let payload = Bytes::from(payload);
-    let (due_at, leased_by) = match &event.lease {
-        Some(lease) => (lease.until, Some(lease.owner.clone())),
-        None => (event.accepted_at, None),
-    };
-    let mut jobs = Vec::with_capacity(subscribers.len());
-    for row in &subscribers {
-        jobs.push(Job {
-            delivery_id: Uuid::now_v7(),
-            webhook_id: parse_uuid(row.try_get(0)?)?,
-            event_id: event.id,
-            event: event.event.name.to_owned(),
-            url: row.try_get(1)?,
-            secret: row.try_get(2)?,
-            payload: payload.clone(),
-            auto_attempts: 0,
-            trigger: Trigger::Automatic,
-            lease_until: due_at,
-        });
-    }
-    if !jobs.is_empty() {
-        let delivery_ids: Vec<String> =
-            jobs.iter().map(|job| job.delivery_id.to_string()).collect();
-        let webhook_ids: Vec<String> = jobs.iter().map(|job| job.webhook_id.to_string()).collect();
-        execute(
-            transaction,
-            "INSERT INTO deliveries (id, webhook_id, event_id, event, aggregate_id, status,
-                created_at, next_attempt_at, due_at, leased_by)
-             SELECT new.id, new.webhook_id, $3, $4, $5, 'pending', $6, $6, $7, $8
-             FROM UNNEST($1::TEXT[], $2::TEXT[]) AS new (id, webhook_id)",
-            &[
-                &delivery_ids,
-                &webhook_ids,
-                &event_id,
-                &event.event.name,
-                &aggregate,
-                &event.accepted_at,
-                &due_at,
-                &leased_by,
-            ],
-        )
-        .await?;
-        // Unleased deliveries wake the workers of every instance.
-        if leased_by.is_none() {
-            notify(transaction, DUE_CHANNEL, "").await?;
-        }
-    }
-    Ok(AcceptedEvent {
-        event_id: event.id,
-        jobs,
-    })
 }
 
 async fn record_attempt(

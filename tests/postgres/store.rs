@@ -7,8 +7,8 @@ use citapro_webhooks::domain::catalogue::find_event;
 use citapro_webhooks::domain::clock::now_micros;
 use citapro_webhooks::domain::payload::build_payload;
 use citapro_webhooks::store::{
-    AttemptRecord, Claim, DeliveryQuery, ErrorKind, Lease, NewEvent, Recovery, RecoveryOutcome,
-    Store, StoreError, StoreSignal, Trigger, Webhook, WebhookChange,
+    AcceptedEvent, AttemptRecord, Claim, DeliveryQuery, ErrorKind, Lease, NewEvent, Recovery,
+    RecoveryOutcome, Store, StoreError, StoreSignal, Trigger, Webhook, WebhookChange,
 };
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
@@ -321,6 +321,286 @@ async fn update_without_previous_uses_stored_state() {
         .await
         .expect_err("the deletion removed the stored state");
     assert!(matches!(error, StoreError::NoPreviousState(_)), "{error}");
+}
+
+/// Counts the transactions that wrote `events`, from the rows' `xmin`.
+async fn writing_transactions(schema: &TestSchema, events: &[Uuid]) -> i64 {
+    let ids: Vec<String> = events.iter().map(Uuid::to_string).collect();
+    schema
+        .client()
+        .await
+        .query_one(
+            "SELECT COUNT(DISTINCT xmin::TEXT) FROM events WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .expect("reading the events' xmin")
+        .get(0)
+}
+
+async fn stored_state(schema: &TestSchema, aggregate: Uuid) -> Option<Value> {
+    let row = schema
+        .client()
+        .await
+        .query_opt(
+            "SELECT state FROM aggregate_states WHERE aggregate_id = $1",
+            &[&aggregate.to_string()],
+        )
+        .await
+        .expect("reading an aggregate state");
+    row.map(|row| serde_json::from_str(row.get(0)).expect("state JSON"))
+}
+
+fn payload_changes(accepted: &AcceptedEvent) -> Value {
+    let payload: Value = serde_json::from_slice(&accepted.jobs[0].payload).expect("payload JSON");
+    payload["data"]["changes"].clone()
+}
+
+// `tokio::join!` polls every call once before the test's single-threaded
+// runtime runs the store's writer task, so the joined events share a batch.
+
+#[tokio::test]
+async fn batch_applies_updates_in_order() {
+    let Some(schema) = TestSchema::create("batch_applies_updates_in_order").await else {
+        return;
+    };
+    let store = open(&schema).await;
+    let business = Uuid::new_v4();
+    let webhook = add_webhook(
+        &store,
+        business,
+        &["booking.created", "booking.updated"],
+        true,
+    )
+    .await;
+    let aggregate = Uuid::new_v4();
+    let mut created = EventSpec::created(business);
+    created.aggregate = aggregate;
+    let update = |status: &str| EventSpec {
+        name: "booking.updated",
+        business,
+        aggregate,
+        data: json!({ "status": status, "amount": 75.0 }),
+        stored_previous: true,
+        accepted_at: now_micros(),
+        lease: None,
+    };
+
+    let (created, cancelled, confirmed) = tokio::join!(
+        store.accept_event(created.build()),
+        store.accept_event(update("cancelled").build()),
+        store.accept_event(update("confirmed").build()),
+    );
+    let created = created.expect("created");
+    let cancelled = cancelled.expect("update from the created state");
+    let confirmed = confirmed.expect("update from the first update's state");
+    assert_eq!(
+        writing_transactions(
+            &schema,
+            &[created.event_id, cancelled.event_id, confirmed.event_id]
+        )
+        .await,
+        1,
+        "the three events are written in one batch"
+    );
+    for accepted in [&created, &cancelled, &confirmed] {
+        assert_eq!(accepted.jobs.len(), 1);
+        assert_eq!(accepted.jobs[0].webhook_id, webhook.id);
+        assert_eq!(accepted.jobs[0].event_id, accepted.event_id);
+    }
+    assert_eq!(
+        payload_changes(&cancelled),
+        json!({ "status": { "old": "confirmed", "new": "cancelled" } }),
+        "the first update starts from the created state"
+    );
+    assert_eq!(
+        payload_changes(&confirmed),
+        json!({ "status": { "old": "cancelled", "new": "confirmed" } }),
+        "the second update starts from the first update's state"
+    );
+    assert_eq!(
+        stored_state(&schema, aggregate).await,
+        Some(json!({ "status": "confirmed", "amount": 75.0 })),
+        "the last event's data is stored"
+    );
+    assert_eq!(count_rows(&schema, "deliveries").await, 3);
+}
+
+#[tokio::test]
+async fn batch_rejects_update_after_deletion() {
+    let Some(schema) = TestSchema::create("batch_rejects_update_after_deletion").await else {
+        return;
+    };
+    let store = open(&schema).await;
+    let business = Uuid::new_v4();
+    add_webhook(
+        &store,
+        business,
+        &["booking.created", "booking.updated", "booking.deleted"],
+        true,
+    )
+    .await;
+    let aggregate = Uuid::new_v4();
+    let mut created = EventSpec::created(business);
+    created.aggregate = aggregate;
+    let mut deleted = EventSpec::created(business);
+    deleted.name = "booking.deleted";
+    deleted.aggregate = aggregate;
+    let update = EventSpec {
+        name: "booking.updated",
+        business,
+        aggregate,
+        data: json!({ "status": "cancelled" }),
+        stored_previous: true,
+        accepted_at: now_micros(),
+        lease: None,
+    };
+    let neighbour = EventSpec::created(business);
+    let neighbour_aggregate = neighbour.aggregate;
+
+    let (created, deleted, update, neighbour) = tokio::join!(
+        store.accept_event(created.build()),
+        store.accept_event(deleted.build()),
+        store.accept_event(update.build()),
+        store.accept_event(neighbour.build()),
+    );
+    let created = created.expect("created");
+    let deleted = deleted.expect("deleted");
+    let neighbour = neighbour.expect("an event of another aggregate");
+    let error = update.expect_err("the deletion before it removed the state");
+    assert!(
+        matches!(error, StoreError::NoPreviousState(id) if id == aggregate),
+        "{error}"
+    );
+    assert_eq!(
+        writing_transactions(
+            &schema,
+            &[created.event_id, deleted.event_id, neighbour.event_id]
+        )
+        .await,
+        1,
+        "the accepted events are written in one batch"
+    );
+    assert_eq!(count_rows(&schema, "events").await, 3);
+    assert_eq!(count_rows(&schema, "deliveries").await, 3);
+    assert_eq!(
+        stored_state(&schema, aggregate).await,
+        None,
+        "the deletion is the aggregate's last change"
+    );
+    assert!(
+        stored_state(&schema, neighbour_aggregate).await.is_some(),
+        "the other aggregate's state is stored"
+    );
+}
+
+#[tokio::test]
+async fn batch_keeps_each_event_lease() {
+    let Some(schema) = TestSchema::create("batch_keeps_each_event_lease").await else {
+        return;
+    };
+    let store = open(&schema).await;
+    let business = Uuid::new_v4();
+    let first = add_webhook(&store, business, &["booking.created"], true).await;
+    let second = add_webhook(&store, business, &["booking.created"], true).await;
+    let unleased = EventSpec::created(business);
+    let accepted_at = unleased.accepted_at;
+    let mut leased = EventSpec::created(business);
+    leased.lease = Some(Lease {
+        owner: "worker-a".to_owned(),
+        until: accepted_at + 60_000_000,
+    });
+
+    let (unleased, leased) = tokio::join!(
+        store.accept_event(unleased.build()),
+        store.accept_event(leased.build()),
+    );
+    let unleased = unleased.expect("the unleased event");
+    let leased = leased.expect("the leased event");
+    assert_eq!(
+        writing_transactions(&schema, &[unleased.event_id, leased.event_id]).await,
+        1,
+        "both events are written in one batch"
+    );
+    for accepted in [&unleased, &leased] {
+        let webhooks: Vec<Uuid> = accepted.jobs.iter().map(|job| job.webhook_id).collect();
+        assert_eq!(
+            webhooks,
+            vec![first.id, second.id],
+            "jobs list the subscribers oldest first"
+        );
+    }
+    for job in &unleased.jobs {
+        assert_eq!(job.lease_until, accepted_at);
+        assert_eq!(
+            schedule(&schema, job.delivery_id).await,
+            ("pending".to_owned(), Some(accepted_at), None),
+            "unleased deliveries are due at once"
+        );
+    }
+    for job in &leased.jobs {
+        assert_eq!(job.lease_until, accepted_at + 60_000_000);
+        assert_eq!(
+            schedule(&schema, job.delivery_id).await,
+            (
+                "pending".to_owned(),
+                Some(accepted_at + 60_000_000),
+                Some("worker-a".to_owned())
+            ),
+            "leased deliveries are due when the lease ends"
+        );
+    }
+}
+
+#[tokio::test]
+async fn failed_batch_retries_events_alone() {
+    let Some(schema) = TestSchema::create("failed_batch_retries_events_alone").await else {
+        return;
+    };
+    let store = open(&schema).await;
+    let mut signals = listening(&open(&schema).await).await;
+    let business = Uuid::new_v4();
+    add_webhook(&store, business, &["booking.created"], true).await;
+    let first = store
+        .accept_event(EventSpec::created(business).build())
+        .await
+        .expect("accepting");
+    while signals.try_recv().is_ok() {}
+
+    // An event whose id is already stored makes the batch's insert fail.
+    let mut duplicate = EventSpec::created(business).build();
+    duplicate.id = first.event_id;
+    let (before, duplicate, after) = tokio::join!(
+        store.accept_event(EventSpec::created(business).build()),
+        store.accept_event(duplicate),
+        store.accept_event(EventSpec::created(business).build()),
+    );
+    let before = before.expect("the event before the duplicate");
+    let after = after.expect("the event after the duplicate");
+    let error = duplicate.expect_err("a second event with the same id");
+    assert!(
+        error.to_string().contains("duplicate key"),
+        "the error names the cause: {error}"
+    );
+    assert_eq!(before.jobs.len(), 1);
+    assert_eq!(after.jobs.len(), 1);
+    assert_eq!(count_rows(&schema, "events").await, 3);
+    assert_eq!(
+        count_rows(&schema, "deliveries").await,
+        3,
+        "the duplicate adds no deliveries"
+    );
+    for accepted in [&before, &after] {
+        let (status, _, leased_by) = schedule(&schema, accepted.jobs[0].delivery_id).await;
+        assert_eq!(status, "pending");
+        assert_eq!(leased_by, None);
+    }
+    expect_signal(
+        &mut signals,
+        |signal| *signal == StoreSignal::Due,
+        "due after the retried events",
+    )
+    .await;
 }
 
 #[tokio::test]
