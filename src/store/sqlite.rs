@@ -25,10 +25,10 @@ use crate::domain::payload::{PING_EVENT, build_payload};
 /// Writes taken into one transaction at most.
 const MAX_BATCH: usize = 512;
 /// Deliveries requeued in one transaction by a recovery.
-const RECOVER_CHUNK: usize = 5000;
+const RECOVER_CHUNK: usize = 1000;
 /// Page cache of the writer and of each reader, in KiB (SQLite's negative `cache_size`).
-const WRITER_CACHE_KIB: i64 = 16 * 1024;
-const READER_CACHE_KIB: i64 = 4 * 1024;
+const WRITER_CACHE_KIB: i64 = 8 * 1024;
+const READER_CACHE_KIB: i64 = 2 * 1024;
 
 /// The wait between two WAL checkpoints.
 const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
