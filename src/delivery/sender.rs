@@ -299,11 +299,11 @@ impl Sender {
     }
 }
 
-/// The system's trusted roots plus the PEM certificates of `extra_ca_file`.
+/// Collects the system's trusted roots and the PEM certificates of `extra_ca_file`.
 fn trusted_roots(extra_ca_file: Option<&Path>) -> anyhow::Result<rustls::RootCertStore> {
     let mut roots = rustls::RootCertStore::empty();
-    // Unreadable system certificates are skipped, as browsers do; a system
-    // with none still reaches receivers signed by the extra CA.
+    // Unreadable system certificates are skipped. A system with none still
+    // reaches receivers whose certificates the extra CA signed.
     let native = rustls_native_certs::load_native_certs();
     roots.add_parsable_certificates(native.certs);
     if let Some(path) = extra_ca_file {

@@ -711,9 +711,9 @@ impl SqliteStore {
     }
 }
 
-/// The text of the smallest UUID v7 with the millisecond of `micros`: every
-/// v7 id generated earlier sorts below it, as the hexadecimal text of the
-/// timestamp leads the id.
+/// Returns the text of the smallest UUID v7 of the millisecond of `micros`.
+/// Every v7 id generated earlier sorts below it, because the id's text
+/// starts with the timestamp in fixed-width hexadecimal.
 fn v7_floor(micros: i64) -> String {
     let millis = (micros.max(0) / 1000) as u64 & 0xffff_ffff_ffff;
     format!(
@@ -766,7 +766,7 @@ fn run_checkpoints(connection: Connection, store: std::sync::Weak<Inner>) {
 /// the WAL over only once every frame is copied. The WAL would then grow
 /// for as long as the load lasts, and every commit would write to newly
 /// allocated file blocks. So now and then the writer itself checkpoints
-/// between two transactions, when no new frame can arrive; little is left
+/// between two transactions, when no new frame can arrive. Little is left
 /// to copy by then, and the next commit starts the WAL from its beginning.
 fn run_writer(connection: Connection, receiver: mpsc::Receiver<WriteOp>) {
     let mut last_checkpoint = std::time::Instant::now();
