@@ -1198,6 +1198,72 @@ mod tests {
         assert_eq!(v7_floor(-5), "00000000-0000-0000-0000-000000000000");
     }
 
+    /// Deliveries stored by the first schema keep every column when the
+    /// second migration rebuilds the table in webhook order.
+    #[tokio::test]
+    async fn migration_keeps_deliveries() {
+        let folder = tempfile::tempdir().expect("a temporary folder");
+        let path = folder.path().join("store.db");
+        let path = path.to_str().expect("a UTF-8 path");
+        let delivery = Uuid::now_v7().to_string();
+        {
+            let connection = Connection::open(path).expect("creating the first schema");
+            connection
+                .execute_batch(MIGRATIONS[0])
+                .expect("applying the first migration");
+            connection
+                .pragma_update(None, "user_version", 1)
+                .expect("recording the first version");
+            connection
+                .execute(
+                    "INSERT INTO deliveries (id, webhook_id, event_id, event, aggregate_id,
+                        status, attempt_count, auto_attempts, is_test, created_at,
+                        next_attempt_at, due_at, leased_by, last_attempt_at, last_status_code)
+                     VALUES (?1, 'w', 'e', 'booking.created', 'a', 'pending', 2, 1, 0, 10,
+                        20, 30, 'worker-x', 40, 503)",
+                    params![delivery],
+                )
+                .expect("storing a delivery");
+        }
+
+        let store = SqliteStore::open(path).await.expect("migrating the store");
+        let id = delivery.clone();
+        let row = store
+            .read(move |c| {
+                let version: i64 = c.pragma_query_value(None, "user_version", |r| r.get(0))?;
+                let row = c.query_row(
+                    "SELECT webhook_id, status, attempt_count, auto_attempts, created_at,
+                        next_attempt_at, due_at, leased_by, last_attempt_at, last_status_code
+                     FROM deliveries WHERE id = ?1",
+                    params![id],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            [
+                                r.get::<_, i64>(2)?,
+                                r.get(3)?,
+                                r.get(4)?,
+                                r.get(5)?,
+                                r.get(6)?,
+                            ],
+                            r.get::<_, String>(7)?,
+                            (r.get::<_, i64>(8)?, r.get::<_, i64>(9)?),
+                        ))
+                    },
+                )?;
+                Ok((version, row))
+            })
+            .await
+            .expect("reading the migrated delivery");
+        assert_eq!(row.0, MIGRATIONS.len() as i64);
+        assert_eq!(row.1.0, "w");
+        assert_eq!(row.1.1, "pending");
+        assert_eq!(row.1.2, [2, 1, 10, 20, 30]);
+        assert_eq!(row.1.3, "worker-x");
+        assert_eq!(row.1.4, (40, 503));
+    }
+
     /// A recovery larger than one chunk requeues every row once, also when
     /// many rows share one `created_at` across a chunk boundary.
     #[tokio::test]
