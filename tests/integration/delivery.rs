@@ -571,3 +571,47 @@ async fn url_change_redirects_queued_deliveries() {
         "nothing more went to the old URL"
     );
 }
+
+/// Waits until `count` of the webhook's deliveries have succeeded.
+async fn wait_for_succeeded(
+    service: &TestService,
+    business: &TestBusiness,
+    webhook: &CreatedWebhook,
+    count: usize,
+) {
+    let path = format!("/v1/webhooks/{}/deliveries?status=succeeded", webhook.id);
+    let started = Instant::now();
+    loop {
+        let page = service.get(&path, business).await.json();
+        let succeeded = page["data"].as_array().map_or(0, Vec::len);
+        if succeeded >= count {
+            return;
+        }
+        assert!(
+            started.elapsed() < crate::helpers::DEADLINE,
+            "{succeeded} of {count} deliveries succeeded in time"
+        );
+        tokio::time::sleep(ms(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn deliveries_reuse_one_connection() {
+    let (service, business, receiver, webhook) = endpoint_answering(
+        Reply::Status(200),
+        ServiceOptions::default(),
+        &["client.created"],
+    )
+    .await;
+    for sent in 1..=4 {
+        send_client_created(&service, &business).await;
+        wait_for_succeeded(&service, &business, &webhook, sent).await;
+    }
+
+    assert_eq!(receiver.request_count(), 4);
+    assert_eq!(
+        receiver.connection_count(),
+        1,
+        "deliveries one after another share a keep-alive connection"
+    );
+}

@@ -19,6 +19,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use axum::serve::ListenerExt;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use citapro_webhooks::app::{RunOptions, run};
@@ -633,6 +634,8 @@ impl ReceivedRequest {
 #[derive(Default)]
 struct ReceiverInner {
     requests: Vec<ReceivedRequest>,
+    /// TCP connections accepted.
+    connections: usize,
     queued_replies: VecDeque<Reply>,
     default_reply: Option<Reply>,
 }
@@ -662,6 +665,10 @@ impl TestReceiver {
             .await
             .expect("binding a loopback port for a receiver");
         let address: SocketAddr = listener.local_addr().expect("reading the receiver address");
+        let counted = inner.clone();
+        let listener = listener.tap_io(move |_| {
+            counted.lock().expect("receiver state lock").connections += 1;
+        });
         let app = Router::new()
             .fallback(record_request)
             .with_state(inner.clone());
@@ -691,6 +698,11 @@ impl TestReceiver {
 
     pub fn request_count(&self) -> usize {
         self.lock().requests.len()
+    }
+
+    /// Returns how many TCP connections the receiver accepted.
+    pub fn connection_count(&self) -> usize {
+        self.lock().connections
     }
 
     /// Waits until at least `count` requests arrived and returns all of them.
