@@ -1,11 +1,12 @@
 //! One HTTP attempt of one delivery: sign, POST, read a bounded response.
 
+use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -23,6 +24,7 @@ use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use url::Url;
 
 use super::retry::parse_retry_after;
 use crate::domain::destination::{DestinationPolicy, check_address, check_host};
@@ -138,7 +140,15 @@ pub struct Sender {
     timeout: Duration,
     /// Decrypts stored secrets, when they are stored encrypted.
     cipher: Option<Arc<SecretCipher>>,
+    /// Request URIs by webhook URL, so each URL is parsed once.
+    destinations: Arc<Mutex<HashMap<String, Destination>>>,
 }
+
+/// A webhook URL read for sending: its request URI, or why no request is made.
+type Destination = Result<Uri, ErrorKind>;
+
+/// Webhook URLs whose parsed form is kept. The map is emptied when full.
+const MAX_DESTINATIONS: usize = 10_000;
 
 impl Sender {
     /// Builds a sender. `lookup` replaces the system resolver (tests use it).
@@ -182,6 +192,7 @@ impl Sender {
             policy,
             timeout,
             cipher: None,
+            destinations: Arc::default(),
         })
     }
 
@@ -215,31 +226,50 @@ impl Sender {
             }
         };
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let mut outcome = match Uri::try_from(job.url.as_str()) {
-            // Stored URLs were validated at registration, so this only
-            // happens to a URL the HTTP library reads differently.
-            Err(_) => failure(ErrorKind::Connect),
-            Ok(uri) => match self.destination_error(&uri) {
-                Some(kind) => failure(kind),
-                None => self.post(job, uri, &secret, deadline).await,
-            },
+        let mut outcome = match self.destination(&job.url) {
+            Ok(uri) => self.post(job, uri, &secret, deadline).await,
+            Err(kind) => failure(kind),
         };
         outcome.started_at_micros = started_at_micros;
         outcome.duration_ms = started.elapsed().as_millis() as i64;
         outcome
     }
 
-    /// Checks a URL whose host is an IP literal, which skips name resolution.
-    fn destination_error(&self, uri: &Uri) -> Option<ErrorKind> {
-        if self.policy.allow_private_targets {
-            return None;
+    /// Returns the request URI of a webhook URL, parsed on first use.
+    ///
+    /// The URL is read by the WHATWG URL rules (IDNA host, percent-encoding,
+    /// dot segments), as at registration. The stored text may hold characters
+    /// that an HTTP request line cannot carry as they are.
+    fn destination(&self, url: &str) -> Destination {
+        let cached = self
+            .destinations
+            .lock()
+            .expect("destination cache lock")
+            .get(url)
+            .cloned();
+        if let Some(destination) = cached {
+            return destination;
         }
-        let checked = match url::Host::parse(uri.host()?).ok()? {
-            url::Host::Domain(name) => check_host(&url::Host::Domain(name.as_str())),
-            url::Host::Ipv4(address) => check_host(&url::Host::Ipv4(address)),
-            url::Host::Ipv6(address) => check_host(&url::Host::Ipv6(address)),
-        };
-        checked.err().map(|_| ErrorKind::DestinationNotAllowed)
+        let destination = self.parse_destination(url);
+        let mut destinations = self.destinations.lock().expect("destination cache lock");
+        if destinations.len() >= MAX_DESTINATIONS {
+            destinations.clear();
+        }
+        destinations.insert(url.to_owned(), destination.clone());
+        destination
+    }
+
+    fn parse_destination(&self, url: &str) -> Destination {
+        // Stored URLs were validated at registration, so a parse error only
+        // comes from a URL that the HTTP library reads differently.
+        let parsed = Url::parse(url).map_err(|_| ErrorKind::Connect)?;
+        // A host that is an IP literal skips name resolution, so the
+        // address policy is checked here.
+        if !self.policy.allow_private_targets {
+            let host = parsed.host().ok_or(ErrorKind::Connect)?;
+            check_host(&host).map_err(|_| ErrorKind::DestinationNotAllowed)?;
+        }
+        Uri::try_from(parsed.as_str()).map_err(|_| ErrorKind::Connect)
     }
 
     /// Sends the request and reads the response until `deadline`. Headers

@@ -615,3 +615,21 @@ async fn deliveries_reuse_one_connection() {
         "deliveries one after another share a keep-alive connection"
     );
 }
+
+#[tokio::test]
+async fn delivery_url_read_as_registered() {
+    let receiver = TestReceiver::start().await;
+    let url = format!("{}/{{x}}|y/./z?q=<1>", receiver.url);
+    let service = TestService::start(ServiceOptions::default()).await;
+    let business = service.create_business().await;
+    service
+        .create_webhook(&business, &url, &["client.created"])
+        .await;
+    send_client_created(&service, &business).await;
+
+    let request = receiver.wait_for_requests(1).await.remove(0);
+    assert_eq!(
+        request.path, "/hooks/%7Bx%7D|y/z",
+        "the path is sent percent-encoded, as the URL standard reads it"
+    );
+}
