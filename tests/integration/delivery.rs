@@ -619,7 +619,7 @@ async fn deliveries_reuse_one_connection() {
 #[tokio::test]
 async fn delivery_url_read_as_registered() {
     let receiver = TestReceiver::start().await;
-    let url = format!("{}/{{x}}|y/./z?q=<1>", receiver.url);
+    let url = format!("{}/{{x}}|y/./z/p\u{e4}th`<b>?q=<1>", receiver.url);
     let service = TestService::start(ServiceOptions::default()).await;
     let business = service.create_business().await;
     service
@@ -629,7 +629,7 @@ async fn delivery_url_read_as_registered() {
 
     let request = receiver.wait_for_requests(1).await.remove(0);
     assert_eq!(
-        request.path, "/hooks/%7Bx%7D|y/z",
+        request.path, "/hooks/%7Bx%7D|y/z/p%C3%A4th%60%3Cb%3E",
         "the path is sent percent-encoded, as the URL standard reads it"
     );
 }
