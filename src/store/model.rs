@@ -384,3 +384,15 @@ pub struct QueueStats {
     pub scheduled: u64,
     pub earliest_due_at: Option<i64>,
 }
+
+/// Returns the text of the smallest UUID v7 of the millisecond of `micros`.
+/// Every v7 id generated earlier sorts below it, because the id's text
+/// starts with the timestamp in fixed-width hexadecimal.
+pub(crate) fn v7_floor(micros: i64) -> String {
+    let millis = (micros.max(0) / 1000) as u64 & 0xffff_ffff_ffff;
+    format!(
+        "{:08x}-{:04x}-0000-0000-000000000000",
+        millis >> 16,
+        millis & 0xffff
+    )
+}

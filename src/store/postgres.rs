@@ -50,7 +50,10 @@ const MIGRATION_LOCK_KEY: i64 = 0x6369_7461_7072_6f6d;
 /// per business; the second key is `hashtext(business_id)`.
 const WEBHOOK_LIMIT_LOCK_CLASS: i32 = 0x6369_7477;
 
-const MIGRATIONS: &[&str] = &[include_str!("sql/postgres_v1.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("sql/postgres_v1.sql"),
+    include_str!("sql/postgres_v2.sql"),
+];
 
 /// Event batches written at once, each on its own pool connection. Fewer
 /// batches make larger ones, which cost less CPU per event; a second one
@@ -1000,10 +1003,14 @@ impl PostgresStore {
         Ok(RecoveryOutcome::Requeued(count))
     }
 
+    /// Deletes finished deliveries and unreferenced events created before
+    /// `cutoff`. Rows are found by primary key: a UUID v7 created before
+    /// `cutoff` sorts below [`v7_floor`] of it.
     pub async fn purge_history(&self, cutoff: i64, batch: usize) -> StoreResult<u64> {
         let mut client = self.client().await?;
         let transaction = client.transaction().await?;
         let batch = batch as i64;
+        let floor = v7_floor(cutoff);
 
         // SKIP LOCKED lets several processes purge at once, and passes over
         // a delivery whose manual attempt is being recorded.
@@ -1011,12 +1018,12 @@ impl PostgresStore {
             &transaction,
             "DELETE FROM deliveries WHERE id IN (
                  SELECT id FROM deliveries
-                 WHERE created_at < $1 AND status <> 'pending'
-                 ORDER BY created_at
+                 WHERE id < $3 AND created_at < $1 AND status <> 'pending'
+                 ORDER BY id
                  LIMIT $2
                  FOR UPDATE SKIP LOCKED)
              RETURNING id",
-            &[&cutoff, &batch],
+            &[&cutoff, &batch, &floor],
         )
         .await?
         .iter()
@@ -1033,10 +1040,11 @@ impl PostgresStore {
             &transaction,
             "DELETE FROM events WHERE id IN (
                  SELECT e.id FROM events e
-                 WHERE e.created_at < $1
+                 WHERE e.id < $3 AND e.created_at < $1
                    AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id)
+                 ORDER BY e.id
                  LIMIT $2)",
-            &[&cutoff, &batch],
+            &[&cutoff, &batch, &floor],
         )
         .await?;
         transaction.commit().await?;

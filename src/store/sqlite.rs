@@ -711,18 +711,6 @@ impl SqliteStore {
     }
 }
 
-/// Returns the text of the smallest UUID v7 of the millisecond of `micros`.
-/// Every v7 id generated earlier sorts below it, because the id's text
-/// starts with the timestamp in fixed-width hexadecimal.
-fn v7_floor(micros: i64) -> String {
-    let millis = (micros.max(0) / 1000) as u64 & 0xffff_ffff_ffff;
-    format!(
-        "{:08x}-{:04x}-0000-0000-000000000000",
-        millis >> 16,
-        millis & 0xffff
-    )
-}
-
 const DELIVERY_COLUMNS: &str = "d.id, d.webhook_id, d.event_id, d.event, d.aggregate_id, \
      d.status, d.attempt_count, d.created_at, d.last_attempt_at, d.next_attempt_at, \
      d.last_status_code";

@@ -1320,25 +1320,29 @@ async fn purge_removes_finished_history() {
     let store = open(&schema).await;
     let business = Uuid::new_v4();
     add_webhook(&store, business, &["booking.created"], true).await;
-    let mut old = EventSpec::created(business);
-    old.accepted_at = 1_000;
-    let finished = store.accept_event(old.build()).await.expect("accepting");
+    // Rows are purged by their UUID v7 ids, which carry the real clock, so
+    // the cutoff falls between two real moments.
+    let finished = store
+        .accept_event(EventSpec::created(business).build())
+        .await
+        .expect("accepting");
     store
         .record_attempt(succeeded_attempt(finished.jobs[0].delivery_id, "worker-a"))
         .await
         .expect("recording");
-    let mut old_pending = EventSpec::created(business);
-    old_pending.accepted_at = 1_000;
     store
-        .accept_event(old_pending.build())
+        .accept_event(EventSpec::created(business).build())
         .await
         .expect("accepting");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let cutoff = now_micros();
+    tokio::time::sleep(Duration::from_millis(5)).await;
     store
         .accept_event(EventSpec::created(business).build())
         .await
         .expect("accepting");
 
-    let removed = store.purge_history(2_000, 100).await.expect("purging");
+    let removed = store.purge_history(cutoff, 100).await.expect("purging");
     assert_eq!(removed, 2, "one finished delivery and its event");
     assert_eq!(
         count_rows(&schema, "deliveries").await,
@@ -1347,7 +1351,7 @@ async fn purge_removes_finished_history() {
     );
     assert_eq!(count_rows(&schema, "attempts").await, 0);
     assert_eq!(count_rows(&schema, "events").await, 2);
-    assert_eq!(store.purge_history(2_000, 100).await.expect("purging"), 0);
+    assert_eq!(store.purge_history(cutoff, 100).await.expect("purging"), 0);
 }
 
 #[tokio::test]
@@ -1415,7 +1419,7 @@ async fn concurrent_starts_migrate_once() {
         .iter()
         .map(|row| row.get(0))
         .collect();
-    assert_eq!(versions, [1]);
+    assert_eq!(versions, [1, 2], "each migration is applied once");
     assert!(
         Store::open(&schema.url).await.is_ok(),
         "opening a migrated schema again works"
