@@ -260,8 +260,8 @@ impl Sender {
     }
 
     fn parse_destination(&self, url: &str) -> Destination {
-        // Stored URLs were validated at registration, so a parse error only
-        // comes from a URL that the HTTP library reads differently.
+        // Stored URLs passed this parser at registration, so only the HTTP
+        // library's stricter `Uri` could reject one, as a connection failure.
         let parsed = Url::parse(url).map_err(|_| ErrorKind::Connect)?;
         // A host that is an IP literal skips name resolution, so the
         // address policy is checked here.

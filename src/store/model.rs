@@ -396,3 +396,28 @@ pub(crate) fn v7_floor(micros: i64) -> String {
         millis & 0xffff
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v7_floor_orders_ids_by_time() {
+        let micros = 1_780_000_000_123_456;
+        let floor = v7_floor(micros);
+        let millis = (micros / 1000) as u64;
+        let at = |ms: u64| {
+            Uuid::new_v7(uuid::Timestamp::from_unix_time(
+                ms / 1000,
+                (ms % 1000) as u32 * 1_000_000,
+                0,
+                0,
+            ))
+            .to_string()
+        };
+        assert!(at(millis - 1) < floor);
+        assert!(at(millis) >= floor);
+        assert!(at(millis + 1) > floor);
+        assert_eq!(v7_floor(-5), "00000000-0000-0000-0000-000000000000");
+    }
+}

@@ -56,7 +56,7 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// Event batches written at once, each on its own pool connection. Fewer
-/// batches make larger ones, which cost less CPU per event; a second one
+/// batches make larger ones, which cost less CPU per event. A second one
 /// keeps events flowing while the first waits for its commit.
 const ACCEPT_BATCHES: usize = 2;
 
@@ -241,7 +241,7 @@ async fn query_one(client: &impl GenericClient, sql: &str, params: Params<'_>) -
     Ok(client.query_one(&statement, params).await?)
 }
 
-/// Queues the notification of `$2` on channel `$1`; PostgreSQL sends it when
+/// Queues the notification of `$2` on channel `$1`. PostgreSQL sends it when
 /// the transaction commits.
 const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 
@@ -1004,7 +1004,7 @@ impl PostgresStore {
     }
 
     /// Deletes finished deliveries and unreferenced events created before
-    /// `cutoff`. Rows are found by primary key: a UUID v7 created before
+    /// `cutoff`. Rows are found by their id: a UUID v7 created before
     /// `cutoff` sorts below [`v7_floor`] of it.
     pub async fn purge_history(&self, cutoff: i64, batch: usize) -> StoreResult<u64> {
         let mut client = self.client().await?;

@@ -36,8 +36,8 @@ DROP TABLE deliveries;
 ALTER TABLE deliveries_by_webhook_order RENAME TO deliveries;
 
 CREATE UNIQUE INDEX deliveries_by_id ON deliveries (id);
--- The claim skips the webhooks whose local queue is full; with the webhook
--- in the index it does so without reading their rows.
+-- The claim skips the webhooks whose local queue is full. With the webhook
+-- in the index, it does so without reading their rows.
 CREATE INDEX deliveries_due ON deliveries (due_at, webhook_id) WHERE due_at IS NOT NULL;
 CREATE INDEX deliveries_by_webhook ON deliveries (webhook_id, created_at, id);
 CREATE INDEX deliveries_by_event ON deliveries (event_id);
