@@ -6,7 +6,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::Dispatcher;
-use super::scheduler::{Command, LOCAL_BACKLOG};
+use super::scheduler::{CLAIM_PER_ENDPOINT, Command, LOCAL_BACKLOG};
 use crate::domain::clock::now_micros;
 use crate::store::Claim;
 
@@ -18,6 +18,7 @@ const MAX_POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// Leases due deliveries from the store and hands them to the scheduler.
 pub(super) async fn poll(dispatcher: Dispatcher, shutdown: CancellationToken) {
     let context = dispatcher.context.clone();
+    let mut after_webhook = None;
     loop {
         let (reply, status) = oneshot::channel();
         if dispatcher.commands.send(Command::Status(reply)).is_err() {
@@ -35,10 +36,15 @@ pub(super) async fn poll(dispatcher: Dispatcher, shutdown: CancellationToken) {
                 now,
                 lease_until: context.lease_until(now),
                 limit,
+                per_webhook: CLAIM_PER_ENDPOINT,
                 skip_webhooks: status.full_endpoints,
+                after_webhook,
             };
             match context.store.claim_due(claim).await {
                 Ok(jobs) => {
+                    if let Some(last) = jobs.last() {
+                        after_webhook = Some(last.webhook_id);
+                    }
                     claimed_full = jobs.len() == limit;
                     claimed_none = jobs.is_empty();
                     dispatcher.submit(jobs);

@@ -20,6 +20,9 @@ pub(super) const LOCAL_BACKLOG: usize = 10_000;
 /// Jobs kept waiting for one endpoint at most. More are handed back to the
 /// store, and the poller skips the endpoint while half of this waits.
 const ENDPOINT_BACKLOG: usize = 1000;
+/// Jobs of one endpoint in one claim at most. An endpoint is skipped while
+/// this many wait, so a claim never fills its queue past [`ENDPOINT_BACKLOG`].
+pub(super) const CLAIM_PER_ENDPOINT: usize = ENDPOINT_BACKLOG / 2;
 /// Jobs waiting here in all at most before new ones are handed back.
 const MAX_WAITING: usize = 2 * LOCAL_BACKLOG;
 /// Attempts finished but not yet stored, at most. When the store falls
@@ -163,7 +166,7 @@ impl Scheduler {
                 let full_endpoints = self
                     .endpoints
                     .iter()
-                    .filter(|(_, queue)| queue.waiting.len() >= ENDPOINT_BACKLOG / 2)
+                    .filter(|(_, queue)| queue.waiting.len() >= CLAIM_PER_ENDPOINT)
                     .map(|(id, _)| *id)
                     .collect();
                 let _ = reply.send(LocalStatus {
@@ -243,7 +246,7 @@ impl Scheduler {
                 continue;
             };
             // The poller skips a full endpoint; tell it when this one has room.
-            if queue.waiting.len() + 1 == ENDPOINT_BACKLOG / 2 {
+            if queue.waiting.len() + 1 == CLAIM_PER_ENDPOINT {
                 self.dispatcher.wake();
             }
             queue.in_flight += 1;

@@ -136,7 +136,15 @@ pub struct Claim {
     pub now: i64,
     pub lease_until: i64,
     pub limit: usize,
+    /// Deliveries of one webhook in this claim at most. The PostgreSQL
+    /// store claims in due order across webhooks and does not apply it,
+    /// nor `after_webhook`.
+    pub per_webhook: usize,
+    /// Webhooks whose deliveries are not claimed now.
     pub skip_webhooks: Vec<Uuid>,
+    /// The webhook where the previous claim stopped: this one starts at the
+    /// next, so webhooks take turns when due work exceeds `limit`.
+    pub after_webhook: Option<Uuid>,
 }
 
 /// The kind of failure of an attempt.

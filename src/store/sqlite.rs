@@ -6,6 +6,7 @@
 //! caller hears back only after the commit. Readers use their own connections
 //! and, in WAL mode, see every committed write without blocking the writer.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -42,6 +43,7 @@ const READERS: usize = 4;
 const MIGRATIONS: &[&str] = &[
     include_str!("sql/sqlite_v1.sql"),
     include_str!("sql/sqlite_v2.sql"),
+    include_str!("sql/sqlite_v3.sql"),
 ];
 
 type Completion = Box<dyn FnOnce(Result<(), String>) + Send>;
@@ -366,12 +368,17 @@ impl SqliteStore {
         self.write(move |c| lease_found(c, &claim, found)).await
     }
 
+    /// The earliest due time of all deliveries: one seek per webhook with
+    /// due or leased deliveries, through [`next_due_webhook`].
     pub async fn next_due_at(&self) -> StoreResult<Option<i64>> {
         self.read(|c| {
-            let next: Option<i64> = c
-                .prepare_cached("SELECT MIN(due_at) FROM deliveries WHERE due_at IS NOT NULL")?
-                .query_row([], |row| row.get(0))?;
-            Ok(next)
+            let mut earliest: Option<i64> = None;
+            let mut cursor = String::new();
+            while let Some((webhook_id, due_at)) = next_due_webhook(c, &cursor)? {
+                earliest = Some(earliest.map_or(due_at, |e| e.min(due_at)));
+                cursor = webhook_id;
+            }
+            Ok(earliest)
         })
         .await
     }
@@ -984,44 +991,99 @@ fn accept_event(c: &Connection, event: NewEvent) -> StoreResult<AcceptedEvent> {
     })
 }
 
-/// Finds due deliveries, oldest first, on a reader connection.
+/// The first webhook after `after` (in id order) with a delivery in the due
+/// index, and its earliest due time. The index is ordered by
+/// `(webhook_id, due_at)`, so this is one seek.
+fn next_due_webhook(c: &Connection, after: &str) -> StoreResult<Option<(String, i64)>> {
+    let next = c
+        .prepare_cached(
+            "SELECT webhook_id, due_at FROM deliveries
+             WHERE due_at IS NOT NULL AND webhook_id > ?1
+             ORDER BY webhook_id, due_at
+             LIMIT 1",
+        )?
+        .query_row(params![after], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?;
+    Ok(next)
+}
+
+/// Finds due deliveries on a reader connection, webhook by webhook in id
+/// order, starting after `claim.after_webhook` and wrapping around, so
+/// successive claims take turns between webhooks. Each webhook gives at
+/// most `claim.per_webhook` deliveries, oldest first; the webhooks in
+/// `claim.skip_webhooks` give none, and their entries are never read.
 fn find_due(c: &Connection, claim: &Claim) -> StoreResult<Vec<Job>> {
-    let skip = serde_json::to_string(
-        &claim
-            .skip_webhooks
-            .iter()
-            .map(Uuid::to_string)
-            .collect::<Vec<_>>(),
-    )
-    .context("encoding skipped webhooks")?;
+    let skip: HashSet<String> = claim.skip_webhooks.iter().map(Uuid::to_string).collect();
+    let start = claim
+        .after_webhook
+        .map(|id| id.to_string())
+        .unwrap_or_default();
+    let mut jobs = Vec::new();
+    let mut cursor = start.clone();
+    let mut wrapped = start.is_empty();
+    while jobs.len() < claim.limit {
+        let Some((webhook_id, earliest)) = next_due_webhook(c, &cursor)? else {
+            if wrapped {
+                break;
+            }
+            wrapped = true;
+            cursor.clear();
+            continue;
+        };
+        if wrapped && !start.is_empty() && webhook_id > start {
+            break;
+        }
+        if earliest <= claim.now && !skip.contains(&webhook_id) {
+            let limit = claim.per_webhook.min(claim.limit - jobs.len());
+            find_due_of_webhook(c, claim, &webhook_id, limit, &mut jobs)?;
+        }
+        cursor = webhook_id;
+    }
+    Ok(jobs)
+}
+
+/// Adds up to `limit` due deliveries of one webhook to `jobs`, oldest first.
+fn find_due_of_webhook(
+    c: &Connection,
+    claim: &Claim,
+    webhook_id: &str,
+    limit: usize,
+    jobs: &mut Vec<Job>,
+) -> StoreResult<()> {
+    let webhook = c
+        .prepare_cached("SELECT url, secret FROM webhooks WHERE id = ?1")?
+        .query_row(params![webhook_id], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+        })
+        .optional()?;
+    let Some((url, secret)) = webhook else {
+        return Ok(());
+    };
+    let webhook_uuid = parse_uuid(webhook_id.to_owned())?;
     let mut select = c.prepare_cached(
-        "SELECT d.id, d.webhook_id, d.event, d.auto_attempts, w.url, w.secret, e.payload,
-            d.event_id
+        "SELECT d.id, d.event, d.auto_attempts, e.payload, d.event_id
          FROM deliveries d
-         JOIN webhooks w ON w.id = d.webhook_id
          JOIN events e ON e.id = d.event_id
-         WHERE d.due_at IS NOT NULL AND d.due_at <= ?1
-           AND d.webhook_id NOT IN (SELECT value FROM json_each(?2))
+         WHERE d.webhook_id = ?1 AND d.due_at IS NOT NULL AND d.due_at <= ?2
          ORDER BY d.due_at
          LIMIT ?3",
     )?;
-    let jobs = select
-        .query_map(params![claim.now, skip, claim.limit as i64], |row| {
-            Ok(Job {
-                delivery_id: parse_uuid(row.get(0)?)?,
-                webhook_id: parse_uuid(row.get(1)?)?,
-                event_id: parse_uuid(row.get(7)?)?,
-                event: row.get(2)?,
-                auto_attempts: row.get(3)?,
-                url: row.get(4)?,
-                secret: row.get(5)?,
-                payload: Bytes::from(row.get::<_, Vec<u8>>(6)?),
-                trigger: Trigger::Automatic,
-                lease_until: claim.lease_until,
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(jobs)
+    let mut rows = select.query(params![webhook_id, claim.now, limit as i64])?;
+    while let Some(row) = rows.next()? {
+        jobs.push(Job {
+            delivery_id: parse_uuid(row.get(0)?)?,
+            webhook_id: webhook_uuid,
+            event_id: parse_uuid(row.get(4)?)?,
+            event: row.get(1)?,
+            auto_attempts: row.get(2)?,
+            url: url.clone(),
+            secret: secret.clone(),
+            payload: Bytes::from(row.get::<_, Vec<u8>>(3)?),
+            trigger: Trigger::Automatic,
+            lease_until: claim.lease_until,
+        });
+    }
+    Ok(())
 }
 
 /// Leases the found deliveries that are still due, on the writer, and
@@ -1321,5 +1383,109 @@ mod tests {
                 ("pending".to_owned(), total as i64 + 1, Some(42)),
             ]
         );
+    }
+
+    /// Claims take turns between webhooks, take at most `per_webhook` of
+    /// each, oldest due first, and never read a skipped webhook's rows.
+    #[tokio::test]
+    async fn claims_walk_webhooks_in_turn() {
+        let folder = tempfile::tempdir().expect("a temporary folder");
+        let path = folder.path().join("store.db");
+        let store = SqliteStore::open(path.to_str().expect("a UTF-8 path"))
+            .await
+            .expect("opening the store");
+        let business = Uuid::new_v4();
+        // v7 ids made one after another sort in this order.
+        let webhooks: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+        // Due times per webhook; `None` is a finished delivery, 900 is not due yet.
+        let plan: [&[Option<i64>]; 3] = [
+            &[Some(30), Some(10), Some(20), None, Some(40)],
+            &[Some(15), Some(900), Some(5)],
+            &[Some(1), Some(2), Some(3), Some(4)],
+        ];
+        let rows = webhooks.clone();
+        store
+            .write(move |c| {
+                let event = Uuid::now_v7().to_string();
+                c.execute(
+                    "INSERT INTO events (id, business_id, event, aggregate_id, payload, created_at)
+                     VALUES (?1, ?2, 'booking.created', 'a', CAST('{}' AS BLOB), 0)",
+                    params![event, business.to_string()],
+                )?;
+                for (webhook, dues) in rows.iter().zip(plan) {
+                    c.execute(
+                        "INSERT INTO webhooks (id, business_id, url, events, is_active, secret,
+                            created_at, updated_at)
+                         VALUES (?1, ?2, 'http://127.0.0.1:9/', 'booking.created', 1, 's', 0, 0)",
+                        params![webhook.to_string(), business.to_string()],
+                    )?;
+                    for due in dues {
+                        c.execute(
+                            "INSERT INTO deliveries (id, webhook_id, event_id, event,
+                                aggregate_id, status, created_at, due_at)
+                             VALUES (?1, ?2, ?3, 'booking.created', 'a', 'pending', 0, ?4)",
+                            params![Uuid::now_v7().to_string(), webhook.to_string(), event, due],
+                        )?;
+                    }
+                }
+                Ok(())
+            })
+            .await
+            .expect("inserting deliveries");
+
+        let find = |claim: Claim| {
+            let store = store.clone();
+            async move {
+                let jobs = store
+                    .read(move |c| find_due(c, &claim))
+                    .await
+                    .expect("finding due deliveries");
+                jobs.iter().map(|job| job.webhook_id).collect::<Vec<_>>()
+            }
+        };
+        let claim = |limit, per_webhook, skip_webhooks, after_webhook| Claim {
+            owner: "test".to_owned(),
+            now: 100,
+            lease_until: 1000,
+            limit,
+            per_webhook,
+            skip_webhooks,
+            after_webhook,
+        };
+        let [a, b, c] = [webhooks[0], webhooks[1], webhooks[2]];
+
+        assert_eq!(
+            find(claim(100, 2, Vec::new(), None)).await,
+            vec![a, a, b, b, c, c]
+        );
+        // After `a`, skipping `b`: all of `c`, then round to `a`.
+        assert_eq!(
+            find(claim(5, 10, vec![b], Some(a))).await,
+            vec![c, c, c, c, a]
+        );
+        // Oldest due first within a webhook; the delivery due at 900 is not due.
+        let due_of_b: Vec<i64> = {
+            let claimed = store
+                .read(move |conn| find_due(conn, &claim(10, 10, vec![a, c], None)))
+                .await
+                .expect("finding due deliveries");
+            let ids: Vec<String> = claimed.iter().map(|j| j.delivery_id.to_string()).collect();
+            store
+                .read(move |conn| {
+                    let mut dues = Vec::new();
+                    for id in ids {
+                        dues.push(conn.query_row(
+                            "SELECT due_at FROM deliveries WHERE id = ?1",
+                            params![id],
+                            |row| row.get(0),
+                        )?);
+                    }
+                    Ok(dues)
+                })
+                .await
+                .expect("reading due times")
+        };
+        assert_eq!(due_of_b, vec![5, 15]);
+        assert_eq!(store.next_due_at().await.expect("next due time"), Some(1));
     }
 }

@@ -103,7 +103,9 @@ fn claim(owner: &str, now: i64, lease_until: i64, limit: usize) -> Claim {
         now,
         lease_until,
         limit,
+        per_webhook: limit,
         skip_webhooks: Vec::new(),
+        after_webhook: None,
     }
 }
 
