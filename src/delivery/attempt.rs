@@ -52,6 +52,7 @@ pub fn attempt_record(
     observe_attempt(job, outcome, succeeded, retry_at.is_none());
     AttemptRecord {
         delivery_id: job.delivery_id,
+        webhook_id: job.webhook_id,
         trigger: job.trigger,
         owner: (job.trigger == Trigger::Automatic).then(|| context.owner.clone()),
         started_at: outcome.started_at_micros,

@@ -181,6 +181,7 @@ pub mod status {
 #[derive(Debug, Clone)]
 pub struct AttemptRecord {
     pub delivery_id: Uuid,
+    pub webhook_id: Uuid,
     pub trigger: Trigger,
     /// The worker that held the lease, for automatic attempts.
     pub owner: Option<String>,

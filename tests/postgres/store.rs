@@ -7,7 +7,7 @@ use citapro_webhooks::domain::catalogue::find_event;
 use citapro_webhooks::domain::clock::now_micros;
 use citapro_webhooks::domain::payload::build_payload;
 use citapro_webhooks::store::{
-    AcceptedEvent, AttemptRecord, Claim, DeliveryQuery, ErrorKind, Lease, NewEvent, Recovery,
+    AcceptedEvent, AttemptRecord, Claim, DeliveryQuery, ErrorKind, Job, Lease, NewEvent, Recovery,
     RecoveryOutcome, Store, StoreError, StoreSignal, Trigger, Webhook, WebhookChange,
 };
 use serde_json::{Map, Value, json};
@@ -109,9 +109,10 @@ fn claim(owner: &str, now: i64, lease_until: i64, limit: usize) -> Claim {
     }
 }
 
-fn failed_attempt(delivery_id: Uuid, owner: &str, retry_at: Option<i64>) -> AttemptRecord {
+fn failed_attempt(job: &Job, owner: &str, retry_at: Option<i64>) -> AttemptRecord {
     AttemptRecord {
-        delivery_id,
+        delivery_id: job.delivery_id,
+        webhook_id: job.webhook_id,
         trigger: Trigger::Automatic,
         owner: Some(owner.to_owned()),
         started_at: now_micros(),
@@ -124,14 +125,14 @@ fn failed_attempt(delivery_id: Uuid, owner: &str, retry_at: Option<i64>) -> Atte
     }
 }
 
-fn succeeded_attempt(delivery_id: Uuid, owner: &str) -> AttemptRecord {
+fn succeeded_attempt(job: &Job, owner: &str) -> AttemptRecord {
     AttemptRecord {
         status_code: Some(204),
         error_kind: None,
         response_body: Some(String::new()),
         succeeded: true,
         retry_at: None,
-        ..failed_attempt(delivery_id, owner, None)
+        ..failed_attempt(job, owner, None)
     }
 }
 
@@ -736,7 +737,7 @@ async fn record_attempt_moves_the_schedule() {
 
     let retry_at = now + 10_000_000;
     store
-        .record_attempt(failed_attempt(job.delivery_id, "worker-a", Some(retry_at)))
+        .record_attempt(failed_attempt(&job, "worker-a", Some(retry_at)))
         .await
         .expect("recording a failure");
     assert_eq!(
@@ -773,11 +774,7 @@ async fn record_attempt_moves_the_schedule() {
         .expect("the retry is due");
     assert_eq!(retried.auto_attempts, 1, "the retry counter continues");
     store
-        .record_attempt(failed_attempt(
-            job.delivery_id,
-            "worker-a",
-            Some(retry_at + 5),
-        ))
+        .record_attempt(failed_attempt(&job, "worker-a", Some(retry_at + 5)))
         .await
         .expect("recording a stale failure");
     assert_eq!(
@@ -791,7 +788,7 @@ async fn record_attempt_moves_the_schedule() {
     );
 
     store
-        .record_attempt(succeeded_attempt(job.delivery_id, "worker-b"))
+        .record_attempt(succeeded_attempt(&job, "worker-b"))
         .await
         .expect("recording a success");
     assert_eq!(
@@ -975,11 +972,7 @@ async fn delete_removes_history() {
         .expect("accepting");
     for job in &accepted.jobs {
         store
-            .record_attempt(failed_attempt(
-                job.delivery_id,
-                "worker-a",
-                Some(now_micros()),
-            ))
+            .record_attempt(failed_attempt(job, "worker-a", Some(now_micros())))
             .await
             .expect("recording");
     }
@@ -1166,7 +1159,7 @@ async fn unleased_work_wakes_other_processes() {
         .pop()
         .expect("due");
     store
-        .record_attempt(failed_attempt(job.delivery_id, "worker-a", None))
+        .record_attempt(failed_attempt(&job, "worker-a", None))
         .await
         .expect("recording the last failure");
     let outcome = store
@@ -1203,7 +1196,7 @@ async fn recover_requeues_failed_deliveries() {
         .expect("accepting");
     let delivery_id = accepted.jobs[0].delivery_id;
     store
-        .record_attempt(failed_attempt(delivery_id, "worker-a", None))
+        .record_attempt(failed_attempt(&accepted.jobs[0], "worker-a", None))
         .await
         .expect("recording the last failure");
     assert_eq!(schedule(&schema, delivery_id).await.0, "failed");
@@ -1329,7 +1322,7 @@ async fn purge_removes_finished_history() {
         .await
         .expect("accepting");
     store
-        .record_attempt(succeeded_attempt(finished.jobs[0].delivery_id, "worker-a"))
+        .record_attempt(succeeded_attempt(&finished.jobs[0], "worker-a"))
         .await
         .expect("recording");
     store
