@@ -655,17 +655,29 @@ impl PostgresStore {
         }
         let mut client = self.client().await?;
         let transaction = client.transaction().await?;
+        // The best plan for these statements depends on the batch's size and
+        // the table's. A generic plan cached while `deliveries` was nearly
+        // empty joins by scanning the whole table, and it stays cached on
+        // the pooled connection; a plan made for each batch does not. The
+        // setting is pipelined ahead of the first statement.
         let mut ids: Vec<String> = attempts.iter().map(|a| a.delivery_id.to_string()).collect();
         ids.sort_unstable();
         ids.dedup();
-        // Locking in id order keeps two batches from deadlocking.
-        let rows = query(
-            &transaction,
-            "SELECT id, status, due_at, attempt_count, auto_attempts, leased_by, next_attempt_at
-             FROM deliveries WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-            &[&ids],
-        )
-        .await?;
+        let lock_params: Params = &[&ids];
+        let (custom_plans, rows) = tokio::join!(
+            biased;
+            transaction.batch_execute("SET LOCAL plan_cache_mode = force_custom_plan"),
+            // Locking in id order keeps two batches from deadlocking.
+            query(
+                &transaction,
+                "SELECT id, status, due_at, attempt_count, auto_attempts, leased_by,
+                    next_attempt_at
+                 FROM deliveries WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                lock_params,
+            ),
+        );
+        custom_plans?;
+        let rows = rows?;
         let mut states: HashMap<String, (DeliveryState, i64, Option<i32>)> = HashMap::new();
         for row in &rows {
             let state = DeliveryState {
