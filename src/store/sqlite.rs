@@ -37,6 +37,9 @@ const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_milli
 const WRITER_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 /// The size SQLite cuts the WAL file back to when it starts the WAL over.
 const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
+/// A transaction that took the writer at least this long is followed by
+/// the next one at once, while the WAL syncs; a shorter one waits for the sync.
+const OVERLAP_MIN_BUSY: std::time::Duration = std::time::Duration::from_millis(1);
 /// Reader connections kept open.
 const READERS: usize = 4;
 
@@ -64,7 +67,9 @@ fn open_connection(path: &str) -> rusqlite::Result<Connection> {
     let connection = Connection::open(path)?;
     connection.busy_timeout(std::time::Duration::from_secs(5))?;
     // WAL lets readers run beside the writer; FULL makes every commit
-    // durable across power loss, not only across a process crash.
+    // durable across power loss, not only across a process crash. The
+    // writer's connection keeps it for migrations only: its later commits
+    // are synced by the syncer thread instead (see `run_syncer`).
     connection.pragma_update(None, "journal_mode", "WAL")?;
     connection.pragma_update(None, "synchronous", "FULL")?;
     // Savepoints keep their undo pages in memory instead of a temporary file.
@@ -104,6 +109,13 @@ impl SqliteStore {
             open_connection(&path).with_context(|| format!("opening SQLite database {path}"))?;
         migrate(&mut writer)?;
         writer.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
+        // From here on the writer commits without waiting for the disk, and
+        // the syncer thread syncs the WAL before any write is reported done
+        // (see `run_syncer`). Migrations above were synced at each commit.
+        writer.pragma_update(None, "synchronous", "NORMAL")?;
+        let wal_path = format!("{path}-wal");
+        let wal = std::fs::File::open(&wal_path)
+            .with_context(|| format!("opening the SQLite WAL {wal_path}"))?;
         let readers = (0..READERS)
             .map(|_| {
                 let reader = open_connection(&path)?;
@@ -120,9 +132,15 @@ impl SqliteStore {
         let checkpointer = open_connection(&path)?;
 
         let (sender, receiver) = mpsc::channel::<WriteOp>();
+        let (committed, to_sync) = mpsc::channel::<Committed>();
+        let progress = Arc::new(SyncProgress::default());
+        let synced = progress.clone();
+        std::thread::Builder::new()
+            .name("sqlite-syncer".to_owned())
+            .spawn(move || run_syncer(wal, to_sync, &synced))?;
         std::thread::Builder::new()
             .name("sqlite-writer".to_owned())
-            .spawn(move || run_writer(writer, receiver))?;
+            .spawn(move || run_writer(writer, receiver, committed, &progress))?;
         let inner = Arc::new(Inner {
             writer: sender,
             readers: Mutex::new(readers),
@@ -765,8 +783,14 @@ fn run_checkpoints(connection: Connection, store: std::sync::Weak<Inner>) {
 /// allocated file blocks. So now and then the writer itself checkpoints
 /// between two transactions, when no new frame can arrive. Little is left
 /// to copy by then, and the next commit starts the WAL from its beginning.
-fn run_writer(connection: Connection, receiver: mpsc::Receiver<WriteOp>) {
+fn run_writer(
+    connection: Connection,
+    receiver: mpsc::Receiver<WriteOp>,
+    syncer: mpsc::Sender<Committed>,
+    progress: &SyncProgress,
+) {
     let mut last_checkpoint = std::time::Instant::now();
+    let mut sent = 0u64;
     while let Ok(first) = receiver.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -775,7 +799,25 @@ fn run_writer(connection: Connection, receiver: mpsc::Receiver<WriteOp>) {
                 Err(_) => break,
             }
         }
-        run_batch(&connection, batch);
+        let started = std::time::Instant::now();
+        let committed = run_batch(&connection, batch);
+        let busy = started.elapsed();
+        sent += 1;
+        if let Err(mpsc::SendError(committed)) = syncer.send(committed) {
+            // The syncer stopped: nothing can vouch for these writes.
+            let error = "the SQLite WAL syncer has stopped".to_owned();
+            for completion in committed.completions {
+                completion(Err(error.clone()));
+            }
+            return;
+        }
+        // A short transaction leaves little to overlap with the sync. The
+        // writer then waits for it, so the writes arriving meanwhile make
+        // one larger transaction rather than many small ones, each writing
+        // its pages to the WAL again.
+        if busy < OVERLAP_MIN_BUSY {
+            progress.wait_for(sent);
+        }
         if last_checkpoint.elapsed() >= WRITER_CHECKPOINT_INTERVAL {
             checkpoint(&connection);
             last_checkpoint = std::time::Instant::now();
@@ -803,7 +845,68 @@ fn run_cached(connection: &Connection, sql: &str) -> Result<(), String> {
         .map_err(|error| error.to_string())
 }
 
-fn run_batch(connection: &Connection, batch: Vec<WriteOp>) {
+/// A transaction that has committed (or failed), with the completions of its
+/// writes, waiting for its WAL frames to reach the disk.
+struct Committed {
+    completions: Vec<Completion>,
+    result: Result<(), String>,
+}
+
+/// How many transactions the syncer has finished with.
+#[derive(Default)]
+struct SyncProgress {
+    synced: Mutex<u64>,
+    changed: std::sync::Condvar,
+}
+
+impl SyncProgress {
+    fn advance(&self, by: u64) {
+        *self.synced.lock().expect("sync progress lock") += by;
+        self.changed.notify_all();
+    }
+
+    fn wait_for(&self, transactions: u64) {
+        let synced = self.synced.lock().expect("sync progress lock");
+        let _synced = self
+            .changed
+            .wait_while(synced, |synced| *synced < transactions)
+            .expect("sync progress lock");
+    }
+}
+
+/// Syncs the WAL for the transactions the writer has committed, then
+/// reports their writes done.
+///
+/// The writer commits with `synchronous=NORMAL`, which writes the WAL frames
+/// without syncing them. This thread takes every committed transaction
+/// waiting, syncs the WAL file once (`fdatasync`), and only then completes
+/// their writes. So no write is reported done, and no `202` is sent, before
+/// its commit is on disk, as with `synchronous=FULL`. Meanwhile the writer
+/// can run its next transaction.
+fn run_syncer(wal: std::fs::File, receiver: mpsc::Receiver<Committed>, progress: &SyncProgress) {
+    while let Ok(first) = receiver.recv() {
+        let mut batches = vec![first];
+        while let Ok(more) = receiver.try_recv() {
+            batches.push(more);
+        }
+        let synced = wal
+            .sync_data()
+            .map_err(|error| format!("syncing the WAL failed: {error}"));
+        if let Err(error) = &synced {
+            tracing::error!(%error, "SQLite WAL sync failed");
+        }
+        let count = batches.len() as u64;
+        for batch in batches {
+            let outcome = batch.result.and_then(|()| synced.clone());
+            for completion in batch.completions {
+                completion(outcome.clone());
+            }
+        }
+        progress.advance(count);
+    }
+}
+
+fn run_batch(connection: &Connection, batch: Vec<WriteOp>) -> Committed {
     let began = run_cached(connection, "BEGIN IMMEDIATE");
     let mut completions = Vec::with_capacity(batch.len());
     for op in batch {
@@ -836,8 +939,9 @@ fn run_batch(connection: &Connection, batch: Vec<WriteOp>) {
     if let Err(error) = &committed {
         tracing::error!(%error, "SQLite transaction failed");
     }
-    for completion in completions {
-        completion(committed.clone());
+    Committed {
+        completions,
+        result: committed,
     }
 }
 
@@ -1500,5 +1604,55 @@ mod tests {
         };
         assert_eq!(due_of_b, vec![5, 15]);
         assert_eq!(store.next_due_at().await.expect("next due time"), Some(1));
+    }
+
+    /// Runs `run_syncer` over `file` for two transactions, one committed and
+    /// one failed, and returns the outcome each write was given.
+    fn sync_two_transactions(file: std::fs::File) -> Vec<Result<(), String>> {
+        let (sender, receiver) = mpsc::channel::<Committed>();
+        let progress = Arc::new(SyncProgress::default());
+        let synced = progress.clone();
+        let syncer = std::thread::spawn(move || run_syncer(file, receiver, &synced));
+        let (outcomes, reported) = mpsc::channel();
+        for result in [Ok(()), Err("disk full".to_owned())] {
+            let outcomes = outcomes.clone();
+            let completion: Completion = Box::new(move |outcome| {
+                outcomes.send(outcome).expect("reporting an outcome");
+            });
+            sender
+                .send(Committed {
+                    completions: vec![completion],
+                    result,
+                })
+                .expect("handing a transaction to the syncer");
+        }
+        progress.wait_for(2);
+        drop(sender);
+        syncer.join().expect("the syncer thread");
+        drop(outcomes);
+        reported.iter().collect()
+    }
+
+    /// A write is reported done only with its transaction's outcome and the
+    /// WAL sync's: a failed sync fails every write it was to cover.
+    #[test]
+    fn syncer_reports_writes_after_the_sync() {
+        let folder = tempfile::tempdir().expect("a temporary folder");
+        let path = folder.path().join("store.db-wal");
+        std::fs::write(&path, b"frames").expect("writing a file");
+        let file = std::fs::File::open(&path).expect("opening the file");
+        assert_eq!(
+            sync_two_transactions(file),
+            vec![Ok(()), Err("disk full".to_owned())]
+        );
+
+        // A character device cannot be synced (EINVAL).
+        let unsyncable = std::fs::File::open("/dev/null").expect("opening /dev/null");
+        let outcomes = sync_two_transactions(unsyncable);
+        assert!(
+            matches!(&outcomes[0], Err(message) if message.starts_with("syncing the WAL failed")),
+            "{outcomes:?}"
+        );
+        assert_eq!(outcomes[1], Err("disk full".to_owned()));
     }
 }
