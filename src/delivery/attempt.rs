@@ -20,7 +20,7 @@ pub(super) async fn hold_lease(context: &DeliveryContext, job: &Job) -> bool {
     let until = context.lease_until(now);
     match context
         .store
-        .renew_lease(job.delivery_id, context.owner.clone(), until)
+        .renew_lease(job.key(), context.owner.clone(), until)
         .await
     {
         Ok(renewed) => renewed,

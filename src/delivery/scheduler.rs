@@ -13,7 +13,7 @@ use super::attempt::{attempt_record, hold_lease, log_outcome};
 use super::recorder::RecorderHandle;
 use super::{DeliveryContext, Dispatcher};
 use crate::metrics::metrics;
-use crate::store::Job;
+use crate::store::{DeliveryKey, Job};
 
 /// The poller claims more only while fewer jobs than this wait here.
 pub(super) const LOCAL_BACKLOG: usize = 10_000;
@@ -142,12 +142,12 @@ impl Scheduler {
                 }
             }
             Command::WebhookChanged { webhook_id, active } => {
-                let dropped: Vec<Uuid> = match self.endpoints.get_mut(&webhook_id) {
-                    Some(queue) => queue.waiting.drain(..).map(|job| job.delivery_id).collect(),
+                let dropped: Vec<DeliveryKey> = match self.endpoints.get_mut(&webhook_id) {
+                    Some(queue) => queue.waiting.drain(..).map(|job| job.key()).collect(),
                     None => Vec::new(),
                 };
-                for id in &dropped {
-                    self.held.remove(id);
+                for key in &dropped {
+                    self.held.remove(&key.delivery_id);
                 }
                 self.waiting -= dropped.len();
                 if active {
@@ -186,7 +186,7 @@ impl Scheduler {
             let queue = self.endpoints.entry(job.webhook_id).or_default();
             if queue.waiting.len() >= ENDPOINT_BACKLOG || self.waiting >= MAX_WAITING {
                 self.held.remove(&job.delivery_id);
-                overflow.push(job.delivery_id);
+                overflow.push(job.key());
                 continue;
             }
             let webhook_id = job.webhook_id;
@@ -199,14 +199,14 @@ impl Scheduler {
 
     /// Gives leases back to the store, due at once, so the poller (of this
     /// or another process) claims those deliveries again.
-    fn release(&self, delivery_ids: Vec<Uuid>) {
-        if delivery_ids.is_empty() {
+    fn release(&self, deliveries: Vec<DeliveryKey>) {
+        if deliveries.is_empty() {
             return;
         }
         let store = self.context.store.clone();
         let owner = self.context.owner.clone();
         tokio::spawn(async move {
-            if let Err(error) = store.release_leases(delivery_ids, owner).await {
+            if let Err(error) = store.release_leases(deliveries, owner).await {
                 tracing::error!(%error, "releasing leases of queued deliveries failed");
             }
         });
@@ -273,14 +273,14 @@ impl Scheduler {
         mut attempts: JoinSet<()>,
     ) {
         receiver.close();
-        let mut waiting: Vec<Uuid> = self
+        let mut waiting: Vec<DeliveryKey> = self
             .endpoints
             .values()
-            .flat_map(|queue| queue.waiting.iter().map(|job| job.delivery_id))
+            .flat_map(|queue| queue.waiting.iter().map(Job::key))
             .collect();
         while let Ok(command) = receiver.try_recv() {
             if let Command::Jobs(jobs) = command {
-                waiting.extend(jobs.iter().map(|job| job.delivery_id));
+                waiting.extend(jobs.iter().map(Job::key));
             }
         }
         let deadline = self.context.request_timeout + Duration::from_secs(5);

@@ -180,16 +180,20 @@ impl Store {
     /// Extends a lease that `owner` still holds. Returns false if it was taken over.
     pub async fn renew_lease(
         &self,
-        delivery_id: Uuid,
+        delivery: DeliveryKey,
         owner: String,
         until: i64,
     ) -> StoreResult<bool> {
-        dispatch!(self, "renew_lease", s => s.renew_lease(delivery_id, owner, until).await)
+        dispatch!(self, "renew_lease", s => s.renew_lease(delivery, owner, until).await)
     }
 
     /// Gives leased deliveries back, due at once, so any worker may take them.
-    pub async fn release_leases(&self, delivery_ids: Vec<Uuid>, owner: String) -> StoreResult<()> {
-        dispatch!(self, "release_leases", s => s.release_leases(delivery_ids, owner).await)
+    pub async fn release_leases(
+        &self,
+        deliveries: Vec<DeliveryKey>,
+        owner: String,
+    ) -> StoreResult<()> {
+        dispatch!(self, "release_leases", s => s.release_leases(deliveries, owner).await)
     }
 
     /// Records attempts in order, in one transaction.

@@ -111,6 +111,13 @@ impl Trigger {
     }
 }
 
+/// The key of a delivery: the webhook it belongs to and its own id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DeliveryKey {
+    pub webhook_id: Uuid,
+    pub delivery_id: Uuid,
+}
+
 /// A delivery ready to be attempted, with everything the attempt needs.
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -127,6 +134,15 @@ pub struct Job {
     pub trigger: Trigger,
     /// When the lease on this delivery ends (automatic attempts only).
     pub lease_until: i64,
+}
+
+impl Job {
+    pub fn key(&self) -> DeliveryKey {
+        DeliveryKey {
+            webhook_id: self.webhook_id,
+            delivery_id: self.delivery_id,
+        }
+    }
 }
 
 /// A request to lease due deliveries.

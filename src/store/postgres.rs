@@ -613,7 +613,7 @@ impl PostgresStore {
 
     pub async fn renew_lease(
         &self,
-        delivery_id: Uuid,
+        delivery: DeliveryKey,
         owner: String,
         until: i64,
     ) -> StoreResult<bool> {
@@ -622,14 +622,21 @@ impl PostgresStore {
             &client,
             "UPDATE deliveries SET due_at = $1
              WHERE id = $2 AND leased_by = $3 AND status = 'pending'",
-            &[&until, &delivery_id.to_string(), &owner],
+            &[&until, &delivery.delivery_id.to_string(), &owner],
         )
         .await?;
         Ok(renewed == 1)
     }
 
-    pub async fn release_leases(&self, delivery_ids: Vec<Uuid>, owner: String) -> StoreResult<()> {
-        let ids: Vec<String> = delivery_ids.iter().map(Uuid::to_string).collect();
+    pub async fn release_leases(
+        &self,
+        deliveries: Vec<DeliveryKey>,
+        owner: String,
+    ) -> StoreResult<()> {
+        let ids: Vec<String> = deliveries
+            .iter()
+            .map(|key| key.delivery_id.to_string())
+            .collect();
         let mut client = self.client().await?;
         let transaction = client.transaction().await?;
         let released = execute(

@@ -37,8 +37,8 @@ const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_milli
 const WRITER_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 /// The size SQLite cuts the WAL file back to when it starts the WAL over.
 const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
-/// A transaction that took the writer at least this long is followed by
-/// the next one at once, while the WAL syncs; a shorter one waits for the sync.
+/// The busy time after which the writer starts its next transaction while
+/// the WAL syncs. After a shorter transaction it waits for the sync.
 const OVERLAP_MIN_BUSY: std::time::Duration = std::time::Duration::from_millis(1);
 /// Reader connections kept open.
 const READERS: usize = 4;
@@ -47,6 +47,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("sql/sqlite_v1.sql"),
     include_str!("sql/sqlite_v2.sql"),
     include_str!("sql/sqlite_v3.sql"),
+    include_str!("sql/sqlite_v4.sql"),
 ];
 
 type Completion = Box<dyn FnOnce(Result<(), String>) + Send>;
@@ -386,8 +387,8 @@ impl SqliteStore {
         self.write(move |c| lease_found(c, &claim, found)).await
     }
 
-    /// The earliest due time of all deliveries: one seek per webhook with
-    /// due or leased deliveries, through [`next_due_webhook`].
+    /// Finds the earliest due time of all deliveries, with one seek per
+    /// webhook that has due or leased deliveries (see [`next_due_webhook`]).
     pub async fn next_due_at(&self) -> StoreResult<Option<i64>> {
         self.read(|c| {
             let mut earliest: Option<i64> = None;
@@ -403,30 +404,44 @@ impl SqliteStore {
 
     pub async fn renew_lease(
         &self,
-        delivery_id: Uuid,
+        delivery: DeliveryKey,
         owner: String,
         until: i64,
     ) -> StoreResult<bool> {
         self.write(move |c| {
             let renewed = c.execute(
                 "UPDATE deliveries SET due_at = ?1
-                 WHERE id = ?2 AND leased_by = ?3 AND status = 'pending'",
-                params![until, delivery_id.to_string(), owner],
+                 WHERE webhook_id = ?4 AND id = ?2 AND leased_by = ?3 AND status = 'pending'",
+                params![
+                    until,
+                    delivery.delivery_id.to_string(),
+                    owner,
+                    delivery.webhook_id.to_string()
+                ],
             )?;
             Ok(renewed == 1)
         })
         .await
     }
 
-    pub async fn release_leases(&self, delivery_ids: Vec<Uuid>, owner: String) -> StoreResult<()> {
+    pub async fn release_leases(
+        &self,
+        deliveries: Vec<DeliveryKey>,
+        owner: String,
+    ) -> StoreResult<()> {
         self.write(move |c| {
             let now = now_micros();
             let mut statement = c.prepare_cached(
                 "UPDATE deliveries SET leased_by = NULL, due_at = ?1
-                 WHERE id = ?2 AND leased_by = ?3 AND due_at IS NOT NULL",
+                 WHERE webhook_id = ?4 AND id = ?2 AND leased_by = ?3 AND due_at IS NOT NULL",
             )?;
-            for id in delivery_ids {
-                statement.execute(params![now, id.to_string(), owner])?;
+            for key in deliveries {
+                statement.execute(params![
+                    now,
+                    key.delivery_id.to_string(),
+                    owner,
+                    key.webhook_id.to_string()
+                ])?;
             }
             Ok(())
         })
@@ -666,7 +681,7 @@ impl SqliteStore {
             let (changed, last) = self
                 .write(move |c| {
                     let mut statement = c.prepare_cached(
-                        "UPDATE deliveries INDEXED BY sqlite_autoindex_deliveries_1
+                        "UPDATE deliveries
                          SET status = 'pending', auto_attempts = 0, due_at = ?4,
                             next_attempt_at = ?4, leased_by = NULL
                          WHERE webhook_id = ?1 AND id IN (
@@ -703,25 +718,42 @@ impl SqliteStore {
         }
     }
 
-    /// Deletes finished deliveries and unreferenced events created before
-    /// `cutoff`. Rows are found by their id: a UUID v7 created before
-    /// `cutoff` sorts below [`v7_floor`] of it.
+    /// Deletes up to `batch` finished deliveries and `batch` unreferenced
+    /// events created before `cutoff`. Rows are found by their id: a UUID
+    /// v7 created before `cutoff` sorts below [`v7_floor`] of it. Deliveries
+    /// are found webhook by webhook, through the primary key
+    /// `(webhook_id, id)`; every delivery belongs to a stored webhook.
     pub async fn purge_history(&self, cutoff: i64, batch: usize) -> StoreResult<u64> {
         let floor = v7_floor(cutoff);
         self.write(move |c| {
-            let ids: Vec<String> = c
-                .prepare_cached(
-                    "SELECT id FROM deliveries
-                     WHERE id < ?3 AND created_at < ?1 AND status <> 'pending'
-                     ORDER BY id LIMIT ?2",
-                )?
-                .query_map(params![cutoff, batch as i64, floor], |row| row.get(0))?
+            let webhooks: Vec<String> = c
+                .prepare_cached("SELECT id FROM webhooks ORDER BY id")?
+                .query_map([], |row| row.get(0))?
                 .collect::<Result<Vec<_>, _>>()?;
+            let mut old = c.prepare_cached(
+                "SELECT id FROM deliveries
+                 WHERE webhook_id = ?1 AND id < ?2 AND created_at < ?3 AND status <> 'pending'
+                 ORDER BY id LIMIT ?4",
+            )?;
             let mut attempts = c.prepare_cached("DELETE FROM attempts WHERE delivery_id = ?1")?;
-            let mut deliveries = c.prepare_cached("DELETE FROM deliveries WHERE id = ?1")?;
-            for id in &ids {
-                attempts.execute(params![id])?;
-                deliveries.execute(params![id])?;
+            let mut deliveries =
+                c.prepare_cached("DELETE FROM deliveries WHERE webhook_id = ?1 AND id = ?2")?;
+            let mut purged = 0usize;
+            for webhook_id in &webhooks {
+                if purged == batch {
+                    break;
+                }
+                let ids: Vec<String> = old
+                    .query_map(
+                        params![webhook_id, floor, cutoff, (batch - purged) as i64],
+                        |row| row.get(0),
+                    )?
+                    .collect::<Result<Vec<_>, _>>()?;
+                for id in &ids {
+                    attempts.execute(params![id])?;
+                    deliveries.execute(params![webhook_id, id])?;
+                }
+                purged += ids.len();
             }
             let events = c
                 .prepare_cached(
@@ -732,7 +764,7 @@ impl SqliteStore {
                         ORDER BY e.id LIMIT ?2)",
                 )?
                 .execute(params![cutoff, batch as i64, floor])?;
-            Ok((ids.len() + events) as u64)
+            Ok((purged + events) as u64)
         })
         .await
     }
@@ -1096,8 +1128,8 @@ fn accept_event(c: &Connection, event: NewEvent) -> StoreResult<AcceptedEvent> {
     })
 }
 
-/// The first webhook after `after` (in id order) with a delivery in the due
-/// index, and its earliest due time. The index is ordered by
+/// Finds the first webhook after `after` (in id order) with a delivery in
+/// the due index, and its earliest due time. The index is ordered by
 /// `(webhook_id, due_at)`, so this is one seek.
 fn next_due_webhook(c: &Connection, after: &str) -> StoreResult<Option<(String, i64)>> {
     let next = c
@@ -1115,7 +1147,7 @@ fn next_due_webhook(c: &Connection, after: &str) -> StoreResult<Option<(String, 
 /// Finds due deliveries on a reader connection, webhook by webhook in id
 /// order, starting after `claim.after_webhook` and wrapping around, so
 /// successive claims take turns between webhooks. Each webhook gives at
-/// most `claim.per_webhook` deliveries, oldest first; the webhooks in
+/// most `claim.per_webhook` deliveries, oldest first. The webhooks in
 /// `claim.skip_webhooks` give none, and their entries are never read.
 fn find_due(c: &Connection, claim: &Claim) -> StoreResult<Vec<Job>> {
     let skip: HashSet<String> = claim.skip_webhooks.iter().map(Uuid::to_string).collect();
@@ -1193,14 +1225,9 @@ fn find_due_of_webhook(
 
 /// Leases the found deliveries that are still due, on the writer, and
 /// returns those. A delivery leased or finished since it was found is dropped.
-///
-/// `sqlite_autoindex_deliveries_1` is the primary key `(webhook_id, id)` of
-/// the `WITHOUT ROWID` table. Left to itself the planner reaches a row through
-/// the unique index on `id` and then the primary key, two searches instead
-/// of one.
 fn lease_found(c: &Connection, claim: &Claim, found: Vec<Job>) -> StoreResult<Vec<Job>> {
     let mut lease = c.prepare_cached(
-        "UPDATE deliveries INDEXED BY sqlite_autoindex_deliveries_1 SET due_at = ?1, leased_by = ?2
+        "UPDATE deliveries SET due_at = ?1, leased_by = ?2
          WHERE webhook_id = ?5 AND id = ?3 AND due_at IS NOT NULL AND due_at <= ?4",
     )?;
     let mut leased = Vec::with_capacity(found.len());
@@ -1219,15 +1246,14 @@ fn lease_found(c: &Connection, claim: &Claim, found: Vec<Job>) -> StoreResult<Ve
     Ok(leased)
 }
 
-/// Stores an attempt and moves its delivery on. The delivery is found by
-/// its primary key, as in [`lease_found`].
+/// Stores an attempt and moves its delivery on.
 fn record_attempt(c: &Connection, attempt: &AttemptRecord) -> StoreResult<()> {
     let id = attempt.delivery_id.to_string();
     let webhook_id = attempt.webhook_id.to_string();
     let current = c
         .prepare_cached(
             "SELECT status, due_at, attempt_count, auto_attempts, leased_by, next_attempt_at
-             FROM deliveries INDEXED BY sqlite_autoindex_deliveries_1
+             FROM deliveries
              WHERE webhook_id = ?1 AND id = ?2",
         )?
         .query_row(params![webhook_id, id], |row| {
@@ -1262,7 +1288,7 @@ fn record_attempt(c: &Connection, attempt: &AttemptRecord) -> StoreResult<()> {
         attempt.response_body,
     ])?;
     c.prepare_cached(
-        "UPDATE deliveries INDEXED BY sqlite_autoindex_deliveries_1
+        "UPDATE deliveries
          SET attempt_count = ?1, last_attempt_at = ?2, last_status_code = ?3,
             status = ?4, due_at = ?5, next_attempt_at = ?6, leased_by = ?7, auto_attempts = ?9
          WHERE webhook_id = ?10 AND id = ?8",
@@ -1654,5 +1680,88 @@ mod tests {
             "{outcomes:?}"
         );
         assert_eq!(outcomes[1], Err("disk full".to_owned()));
+    }
+
+    /// Purging walks every webhook's deliveries, stops at `batch` rows per
+    /// call, and keeps pending deliveries and the events they refer to.
+    #[tokio::test]
+    async fn purge_spans_webhooks_in_batches() {
+        let folder = tempfile::tempdir().expect("a temporary folder");
+        let path = folder.path().join("store.db");
+        let store = SqliteStore::open(path.to_str().expect("a UTF-8 path"))
+            .await
+            .expect("opening the store");
+        let business = Uuid::new_v4().to_string();
+        let kept_event = Uuid::now_v7().to_string();
+        let kept = Uuid::now_v7().to_string();
+        let (event, pending) = (kept_event.clone(), kept.clone());
+        store
+            .write(move |c| {
+                c.execute(
+                    "INSERT INTO events (id, business_id, event, aggregate_id, payload, created_at)
+                     VALUES (?1, ?2, 'booking.created', 'a', CAST('{}' AS BLOB), 100)",
+                    params![event, business],
+                )?;
+                let mut insert = c.prepare(
+                    "INSERT INTO deliveries (id, webhook_id, event_id, event, aggregate_id,
+                        status, created_at)
+                     VALUES (?1, ?2, ?3, 'booking.created', 'a', ?4, 100)",
+                )?;
+                // Finished deliveries per webhook: 3, 2 and 1.
+                for finished in [3, 2, 1] {
+                    let webhook = Uuid::now_v7().to_string();
+                    c.execute(
+                        "INSERT INTO webhooks (id, business_id, url, events, is_active, secret,
+                            created_at, updated_at)
+                         VALUES (?1, ?2, 'http://127.0.0.1:9/', 'booking.created', 1, 's', 0, 0)",
+                        params![webhook, business],
+                    )?;
+                    for _ in 0..finished {
+                        let id = Uuid::now_v7().to_string();
+                        insert.execute(params![id, webhook, event, "succeeded"])?;
+                        c.execute(
+                            "INSERT INTO attempts (delivery_id, number, trigger, started_at,
+                                duration_ms)
+                             VALUES (?1, 1, 'automatic', 100, 1)",
+                            params![id],
+                        )?;
+                    }
+                    if finished == 3 {
+                        insert.execute(params![pending, webhook, event, "pending"])?;
+                    }
+                }
+                Ok(())
+            })
+            .await
+            .expect("inserting deliveries");
+
+        let cutoff = now_micros() + 1_000_000;
+        let purged: Vec<u64> = [
+            store.purge_history(cutoff, 4).await.expect("first purge"),
+            store.purge_history(cutoff, 4).await.expect("second purge"),
+            store.purge_history(cutoff, 4).await.expect("third purge"),
+        ]
+        .to_vec();
+        assert_eq!(purged, vec![4, 2, 0]);
+
+        let left = store
+            .read(|c| {
+                let deliveries: Vec<String> = c
+                    .prepare("SELECT id FROM deliveries")?
+                    .query_map([], |row| row.get(0))?
+                    .collect::<Result<_, _>>()?;
+                let attempts: i64 =
+                    c.query_row("SELECT COUNT(*) FROM attempts", [], |row| row.get(0))?;
+                let events: Vec<String> = c
+                    .prepare("SELECT id FROM events")?
+                    .query_map([], |row| row.get(0))?
+                    .collect::<Result<_, _>>()?;
+                Ok((deliveries, attempts, events))
+            })
+            .await
+            .expect("reading what is left");
+        assert_eq!(left.0, vec![kept]);
+        assert_eq!(left.1, 0);
+        assert_eq!(left.2, vec![kept_event]);
     }
 }

@@ -831,12 +831,12 @@ async fn leases_renew_and_release() {
         .expect("one due delivery");
 
     let renewed = store
-        .renew_lease(job.delivery_id, "worker-a".to_owned(), now + 120_000_000)
+        .renew_lease(job.key(), "worker-a".to_owned(), now + 120_000_000)
         .await
         .expect("renewing");
     assert!(renewed, "the holder renews its lease");
     let renewed = store
-        .renew_lease(job.delivery_id, "worker-b".to_owned(), now + 180_000_000)
+        .renew_lease(job.key(), "worker-b".to_owned(), now + 180_000_000)
         .await
         .expect("renewing");
     assert!(!renewed, "another worker cannot renew the lease");
@@ -846,7 +846,7 @@ async fn leases_renew_and_release() {
     );
 
     store
-        .release_leases(vec![job.delivery_id], "worker-b".to_owned())
+        .release_leases(vec![job.key()], "worker-b".to_owned())
         .await
         .expect("releasing");
     let (_, _, holder) = schedule(&schema, job.delivery_id).await;
@@ -856,7 +856,7 @@ async fn leases_renew_and_release() {
         "only the holder releases"
     );
     store
-        .release_leases(vec![job.delivery_id], "worker-a".to_owned())
+        .release_leases(vec![job.key()], "worker-a".to_owned())
         .await
         .expect("releasing");
     let later = now_micros();
