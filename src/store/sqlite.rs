@@ -915,6 +915,11 @@ impl SyncProgress {
 /// their writes. So no write is reported done, and no `202` is sent, before
 /// its commit is on disk, as with `synchronous=FULL`. Meanwhile the writer
 /// can run its next transaction.
+///
+/// Readers see a commit before it is synced. Jobs still reach the sender
+/// only through a write's completion, an accepted event's or a claim's
+/// lease, so no automatic attempt goes out before the sync that covers its
+/// delivery.
 fn run_syncer(wal: std::fs::File, receiver: mpsc::Receiver<Committed>, progress: &SyncProgress) {
     while let Ok(first) = receiver.recv() {
         let mut batches = vec![first];
@@ -1693,8 +1698,8 @@ mod tests {
             .expect("opening the store");
         let business = Uuid::new_v4().to_string();
         let kept_event = Uuid::now_v7().to_string();
-        let kept = Uuid::now_v7().to_string();
-        let (event, pending) = (kept_event.clone(), kept.clone());
+        let kept_delivery = Uuid::now_v7().to_string();
+        let (event, pending) = (kept_event.clone(), kept_delivery.clone());
         store
             .write(move |c| {
                 c.execute(
@@ -1760,7 +1765,7 @@ mod tests {
             })
             .await
             .expect("reading what is left");
-        assert_eq!(left.0, vec![kept]);
+        assert_eq!(left.0, vec![kept_delivery]);
         assert_eq!(left.1, 0);
         assert_eq!(left.2, vec![kept_event]);
     }
