@@ -158,8 +158,8 @@ pub struct Claim {
     pub per_webhook: usize,
     /// Webhooks whose deliveries are not claimed now.
     pub skip_webhooks: Vec<Uuid>,
-    /// The webhook where the previous claim stopped: this one starts at the
-    /// next, so webhooks take turns when due work exceeds `limit`.
+    /// The webhook where the previous claim stopped. This claim starts at the
+    /// next one, so webhooks take turns when due work exceeds `limit`.
     pub after_webhook: Option<Uuid>,
 }
 

@@ -665,8 +665,8 @@ impl PostgresStore {
         // The best plan for these statements depends on the batch's size and
         // the table's. A generic plan cached while `deliveries` was nearly
         // empty joins by scanning the whole table, and it stays cached on
-        // the pooled connection; a plan made for each batch does not. The
-        // setting is pipelined ahead of the first statement.
+        // the pooled connection. So each batch gets a plan of its own, with
+        // the setting pipelined ahead of the first statement.
         let mut ids: Vec<String> = attempts.iter().map(|a| a.delivery_id.to_string()).collect();
         ids.sort_unstable();
         ids.dedup();
