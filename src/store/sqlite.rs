@@ -69,7 +69,7 @@ fn open_connection(path: &str) -> rusqlite::Result<Connection> {
     connection.busy_timeout(std::time::Duration::from_secs(5))?;
     // WAL lets readers run beside the writer; FULL makes every commit
     // durable across power loss, not only across a process crash. The
-    // writer's connection keeps it for migrations only: its later commits
+    // writer's connection keeps it for migrations only. Its later commits
     // are synced by the syncer thread instead (see `run_syncer`).
     connection.pragma_update(None, "journal_mode", "WAL")?;
     connection.pragma_update(None, "synchronous", "FULL")?;
@@ -836,7 +836,7 @@ fn run_writer(
         let busy = started.elapsed();
         sent += 1;
         if let Err(mpsc::SendError(committed)) = syncer.send(committed) {
-            // The syncer stopped: nothing can vouch for these writes.
+            // The syncer has stopped, so no sync will cover these writes.
             let error = "the SQLite WAL syncer has stopped".to_owned();
             for completion in committed.completions {
                 completion(Err(error.clone()));
@@ -1153,7 +1153,7 @@ fn next_due_webhook(c: &Connection, after: &str) -> StoreResult<Option<(String, 
 /// order, starting after `claim.after_webhook` and wrapping around, so
 /// successive claims take turns between webhooks. Each webhook gives at
 /// most `claim.per_webhook` deliveries, oldest first. The webhooks in
-/// `claim.skip_webhooks` give none, and their entries are never read.
+/// `claim.skip_webhooks` give none, and only their first index entry is read.
 fn find_due(c: &Connection, claim: &Claim) -> StoreResult<Vec<Job>> {
     let skip: HashSet<String> = claim.skip_webhooks.iter().map(Uuid::to_string).collect();
     let start = claim
@@ -1377,6 +1377,17 @@ impl SqliteStore {
 mod tests {
     use super::*;
 
+    /// Stores an active webhook subscribed to `booking.created`.
+    fn insert_webhook(c: &Connection, id: &str, business: &str) -> rusqlite::Result<()> {
+        c.execute(
+            "INSERT INTO webhooks (id, business_id, url, events, is_active, secret,
+                created_at, updated_at)
+             VALUES (?1, ?2, 'http://127.0.0.1:9/', 'booking.created', 1, 's', 0, 0)",
+            params![id, business],
+        )?;
+        Ok(())
+    }
+
     /// Deliveries stored by the first schema keep every column when the
     /// second migration rebuilds the table in webhook order.
     #[tokio::test]
@@ -1457,12 +1468,7 @@ mod tests {
         let total = 2 * RECOVER_CHUNK + 7;
         store
             .write(move |c| {
-                c.execute(
-                    "INSERT INTO webhooks (id, business_id, url, events, is_active, secret,
-                        created_at, updated_at)
-                     VALUES (?1, ?2, 'http://127.0.0.1:9/', 'booking.created', 1, 's', 0, 0)",
-                    params![webhook.to_string(), business.to_string()],
-                )?;
+                insert_webhook(c, &webhook.to_string(), &business.to_string())?;
                 let mut insert = c.prepare(
                     "INSERT INTO deliveries (id, webhook_id, event_id, event, aggregate_id,
                         status, created_at)
@@ -1480,20 +1486,15 @@ mod tests {
                     ])?;
                 }
                 // A delivery still pending and one outside the window stay as they are.
-                insert.execute(params![
-                    Uuid::now_v7().to_string(),
-                    webhook.to_string(),
-                    Uuid::now_v7().to_string(),
-                    "pending",
-                    101,
-                ])?;
-                insert.execute(params![
-                    Uuid::now_v7().to_string(),
-                    webhook.to_string(),
-                    Uuid::now_v7().to_string(),
-                    "failed",
-                    500,
-                ])?;
+                for (status, created_at) in [("pending", 101), ("failed", 500)] {
+                    insert.execute(params![
+                        Uuid::now_v7().to_string(),
+                        webhook.to_string(),
+                        Uuid::now_v7().to_string(),
+                        status,
+                        created_at,
+                    ])?;
+                }
                 Ok(())
             })
             .await
@@ -1534,7 +1535,7 @@ mod tests {
     }
 
     /// Claims take turns between webhooks, take at most `per_webhook` of
-    /// each, oldest due first, and never read a skipped webhook's rows.
+    /// each, oldest due first, and take none of a skipped webhook.
     #[tokio::test]
     async fn claims_walk_webhooks_in_turn() {
         let folder = tempfile::tempdir().expect("a temporary folder");
@@ -1545,7 +1546,7 @@ mod tests {
         let business = Uuid::new_v4();
         // v7 ids made one after another sort in this order.
         let webhooks: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
-        // Due times per webhook; `None` is a finished delivery, 900 is not due yet.
+        // Due times per webhook. `None` is a finished delivery, and 900 is not due yet.
         let plan: [&[Option<i64>]; 3] = [
             &[Some(30), Some(10), Some(20), None, Some(40)],
             &[Some(15), Some(900), Some(5)],
@@ -1561,12 +1562,7 @@ mod tests {
                     params![event, business.to_string()],
                 )?;
                 for (webhook, dues) in rows.iter().zip(plan) {
-                    c.execute(
-                        "INSERT INTO webhooks (id, business_id, url, events, is_active, secret,
-                            created_at, updated_at)
-                         VALUES (?1, ?2, 'http://127.0.0.1:9/', 'booking.created', 1, 's', 0, 0)",
-                        params![webhook.to_string(), business.to_string()],
-                    )?;
+                    insert_webhook(c, &webhook.to_string(), &business.to_string())?;
                     for due in dues {
                         c.execute(
                             "INSERT INTO deliveries (id, webhook_id, event_id, event,
@@ -1606,12 +1602,12 @@ mod tests {
             find(claim(100, 2, Vec::new(), None)).await,
             vec![a, a, b, b, c, c]
         );
-        // After `a`, skipping `b`: all of `c`, then round to `a`.
+        // Starting after `a` and skipping `b`, a claim takes all of `c`, then wraps around to `a`.
         assert_eq!(
             find(claim(5, 10, vec![b], Some(a))).await,
             vec![c, c, c, c, a]
         );
-        // Oldest due first within a webhook; the delivery due at 900 is not due.
+        // Within a webhook the oldest due comes first, and the delivery due at 900 is not due.
         let due_of_b: Vec<i64> = {
             let claimed = store
                 .read(move |conn| find_due(conn, &claim(10, 10, vec![a, c], None)))
@@ -1664,8 +1660,8 @@ mod tests {
         reported.iter().collect()
     }
 
-    /// A write is reported done only with its transaction's outcome and the
-    /// WAL sync's: a failed sync fails every write it was to cover.
+    /// A write is reported done with its transaction's outcome and the WAL
+    /// sync's. A failed sync fails every write it was to cover.
     #[test]
     fn syncer_reports_writes_after_the_sync() {
         let folder = tempfile::tempdir().expect("a temporary folder");
@@ -1715,12 +1711,7 @@ mod tests {
                 // Finished deliveries per webhook: 3, 2 and 1.
                 for finished in [3, 2, 1] {
                     let webhook = Uuid::now_v7().to_string();
-                    c.execute(
-                        "INSERT INTO webhooks (id, business_id, url, events, is_active, secret,
-                            created_at, updated_at)
-                         VALUES (?1, ?2, 'http://127.0.0.1:9/', 'booking.created', 1, 's', 0, 0)",
-                        params![webhook, business],
-                    )?;
+                    insert_webhook(c, &webhook, &business)?;
                     for _ in 0..finished {
                         let id = Uuid::now_v7().to_string();
                         insert.execute(params![id, webhook, event, "succeeded"])?;
