@@ -410,11 +410,21 @@ pub struct QueueStats {
     pub earliest_due_at: Option<i64>,
 }
 
+/// The largest time a UUID v7 can hold, in milliseconds (48 bits).
+const V7_MAX_MILLIS: i64 = 0xffff_ffff_ffff;
+
+/// Returns the time of a UUID v7 in microseconds: the milliseconds in its first
+/// 48 bits, times 1000. A SQLite delivery's `created_at` is this time of its
+/// id, so ordering deliveries by `(created_at, id)` orders them by id.
+pub(crate) fn v7_micros(id: Uuid) -> i64 {
+    ((id.as_u128() >> 80) as i64) * 1000
+}
+
 /// Returns the text of the smallest UUID v7 of the millisecond of `micros`.
 /// Every v7 id generated earlier sorts below it, because the id's text
 /// starts with the timestamp in fixed-width hexadecimal.
 pub(crate) fn v7_floor(micros: i64) -> String {
-    let millis = (micros.max(0) / 1000) as u64 & 0xffff_ffff_ffff;
+    let millis = (micros.max(0) / 1000).min(V7_MAX_MILLIS) as u64;
     format!(
         "{:08x}-{:04x}-0000-0000-000000000000",
         millis >> 16,
@@ -444,5 +454,21 @@ mod tests {
         assert!(at(millis) >= floor);
         assert!(at(millis + 1) > floor);
         assert_eq!(v7_floor(-5), "00000000-0000-0000-0000-000000000000");
+        assert_eq!(v7_floor(i64::MAX), "ffffffff-ffff-0000-0000-000000000000");
+    }
+
+    #[test]
+    fn v7_micros_reads_the_millisecond_of_an_id() {
+        let millis = 1_780_000_000_123u64;
+        let id = Uuid::new_v7(uuid::Timestamp::from_unix_time(
+            millis / 1000,
+            (millis % 1000) as u32 * 1_000_000,
+            0,
+            0,
+        ));
+        assert_eq!(v7_micros(id), millis as i64 * 1000);
+        let text = id.to_string();
+        assert!(text >= v7_floor(v7_micros(id)));
+        assert!(text < v7_floor(v7_micros(id) + 1000));
     }
 }

@@ -48,6 +48,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("sql/sqlite_v2.sql"),
     include_str!("sql/sqlite_v3.sql"),
     include_str!("sql/sqlite_v4.sql"),
+    include_str!("sql/sqlite_v5.sql"),
 ];
 
 type Completion = Box<dyn FnOnce(Result<(), String>) + Send>;
@@ -470,26 +471,28 @@ impl SqliteStore {
             if !webhook_exists(c, query.business_id, query.webhook_id)? {
                 return Ok(None);
             }
-            let (after_time, after_id) = match query.after {
-                Some((time, id)) => (Some(time), Some(id.to_string())),
-                None => (None, None),
+            // A delivery's `created_at` is the time in its v7 id (see
+            // migration 5), so the order by `(created_at, id)` is the id
+            // order, and a cursor's id alone marks its place. No id reaches
+            // "g", so that bound lets the first page use the key too.
+            let before = match query.after {
+                Some((_, id)) => id.to_string(),
+                None => "g".to_owned(),
             };
             let mut statement = c.prepare_cached(&format!(
                 "SELECT {DELIVERY_COLUMNS} FROM deliveries d
-                 WHERE d.webhook_id = ?1
+                 WHERE d.webhook_id = ?1 AND d.id < ?4
                    AND (?2 IS NULL OR d.status = ?2)
                    AND (?3 IS NULL OR d.event = ?3)
-                   AND (?4 IS NULL OR d.created_at < ?4 OR (d.created_at = ?4 AND d.id < ?5))
-                 ORDER BY d.created_at DESC, d.id DESC
-                 LIMIT ?6"
+                 ORDER BY d.id DESC
+                 LIMIT ?5"
             ))?;
             let rows = statement.query_map(
                 params![
                     query.webhook_id.to_string(),
                     query.status,
                     query.event,
-                    after_time,
-                    after_id,
+                    before,
                     query.limit as i64,
                 ],
                 delivery_from_row,
@@ -625,7 +628,7 @@ impl SqliteStore {
                     event_id.to_string(),
                     PING_EVENT,
                     test.webhook_id.to_string(),
-                    test.now,
+                    v7_micros(delivery_id),
                 ],
             )?;
             Ok(Some(Job {
@@ -657,11 +660,19 @@ impl SqliteStore {
                 if !webhook.is_active {
                     return Ok(RecoveryOutcome::WebhookInactive);
                 }
+                let (low, high) = id_window(check.since, check.until);
                 let count: i64 = c.query_row(
                     "SELECT COUNT(*) FROM deliveries
-                     WHERE webhook_id = ?1 AND created_at >= ?2 AND created_at < ?3
+                     WHERE webhook_id = ?1 AND id >= ?4 AND id < ?5
+                       AND created_at >= ?2 AND created_at < ?3
                        AND status IN ('failed', 'cancelled') AND is_test = 0",
-                    params![check.webhook_id.to_string(), check.since, check.until],
+                    params![
+                        check.webhook_id.to_string(),
+                        check.since,
+                        check.until,
+                        low,
+                        high
+                    ],
                     |row| row.get(0),
                 )?;
                 Ok(RecoveryOutcome::Requeued(count as u64))
@@ -671,13 +682,15 @@ impl SqliteStore {
             RecoveryOutcome::Requeued(_) if !recovery.dry_run => {}
             other => return Ok(other),
         }
-        // Each chunk resumes after the last row of the one before, in
-        // (created_at, id) order, so no chunk reads the rows already requeued.
+        // Each chunk resumes after the last row of the one before, in id
+        // order, so no chunk reads the rows already requeued.
+        let (low, high) = id_window(recovery.since, recovery.until);
         let mut requeued = 0u64;
-        let mut after: (i64, String) = (recovery.since, String::new());
+        let mut after = String::new();
         loop {
             let chunk = recovery.clone();
-            let start = after.clone();
+            let (start, end) = (low.clone(), high.clone());
+            let previous = after.clone();
             let (changed, last) = self
                 .write(move |c| {
                     let mut statement = c.prepare_cached(
@@ -686,24 +699,26 @@ impl SqliteStore {
                             next_attempt_at = ?4, leased_by = NULL
                          WHERE webhook_id = ?1 AND id IN (
                             SELECT id FROM deliveries
-                            WHERE webhook_id = ?1 AND (created_at, id) > (?2, ?6)
-                              AND created_at < ?3
+                            WHERE webhook_id = ?1 AND id >= ?6 AND id < ?7 AND id > ?8
+                              AND created_at >= ?2 AND created_at < ?3
                               AND status IN ('failed', 'cancelled') AND is_test = 0
-                            ORDER BY created_at, id
+                            ORDER BY id
                             LIMIT ?5)
-                         RETURNING created_at, id",
+                         RETURNING id",
                     )?;
                     let rows = statement
                         .query_map(
                             params![
                                 chunk.webhook_id.to_string(),
-                                start.0,
+                                chunk.since,
                                 chunk.until,
                                 chunk.now,
                                 RECOVER_CHUNK as i64,
-                                start.1,
+                                start,
+                                end,
+                                previous,
                             ],
-                            |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)),
+                            |row| row.get::<_, String>(0),
                         )?
                         .collect::<Result<Vec<_>, _>>()?;
                     let changed = rows.len() as u64;
@@ -788,6 +803,15 @@ fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<Delivery> {
         next_attempt_at: row.get(9)?,
         last_status_code: row.get(10)?,
     })
+}
+
+/// Returns the id range of the deliveries created in `[since, until)`. A
+/// delivery's `created_at` is the millisecond of its v7 id (see migration
+/// 5), so the range starts at the millisecond of `since` and ends before the
+/// first millisecond at or after `until`. Queries still check `created_at`
+/// for the exact window.
+fn id_window(since: i64, until: i64) -> (String, String) {
+    (v7_floor(since), v7_floor(until.saturating_add(999)))
 }
 
 fn webhook_exists(c: &Connection, business_id: Uuid, webhook_id: Uuid) -> StoreResult<bool> {
@@ -1093,7 +1117,7 @@ fn accept_event(c: &Connection, event: NewEvent) -> StoreResult<AcceptedEvent> {
     let mut insert = c.prepare_cached(
         "INSERT INTO deliveries (id, webhook_id, event_id, event, aggregate_id, status,
             created_at, next_attempt_at, due_at, leased_by)
-         VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6, ?7, ?8)",
+         VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?9, ?6, ?7, ?8)",
     )?;
     let mut rows = subscribers.query(params![business])?;
     let mut jobs = Vec::new();
@@ -1113,6 +1137,7 @@ fn accept_event(c: &Connection, event: NewEvent) -> StoreResult<AcceptedEvent> {
             event.accepted_at,
             due_at,
             leased_by,
+            v7_micros(delivery_id),
         ])?;
         jobs.push(Job {
             delivery_id,
@@ -1377,6 +1402,19 @@ impl SqliteStore {
 mod tests {
     use super::*;
 
+    /// A millisecond of 2026 at which the recovery test creates deliveries.
+    const WINDOW_START: u64 = 1_780_000_000_000;
+
+    /// Makes a UUID v7 of the given millisecond, with random bits after it.
+    fn id_at(millis: u64) -> Uuid {
+        Uuid::new_v7(uuid::Timestamp::from_unix_time(
+            millis / 1000,
+            (millis % 1000) as u32 * 1_000_000,
+            0,
+            0,
+        ))
+    }
+
     /// Stores an active webhook subscribed to `booking.created`.
     fn insert_webhook(c: &Connection, id: &str, business: &str) -> rusqlite::Result<()> {
         c.execute(
@@ -1389,13 +1427,15 @@ mod tests {
     }
 
     /// Deliveries stored by the first schema keep every column when the
-    /// second migration rebuilds the table in webhook order.
+    /// second migration rebuilds the table in webhook order, except that
+    /// the fifth sets `created_at` to the time in the delivery's id.
     #[tokio::test]
     async fn migration_keeps_deliveries() {
         let folder = tempfile::tempdir().expect("a temporary folder");
         let path = folder.path().join("store.db");
         let path = path.to_str().expect("a UTF-8 path");
-        let delivery = Uuid::now_v7().to_string();
+        let delivery_id = Uuid::now_v7();
+        let delivery = delivery_id.to_string();
         {
             let connection = Connection::open(path).expect("creating the first schema");
             connection
@@ -1449,13 +1489,13 @@ mod tests {
         assert_eq!(row.0, MIGRATIONS.len() as i64);
         assert_eq!(row.1.0, "w");
         assert_eq!(row.1.1, "pending");
-        assert_eq!(row.1.2, [2, 1, 10, 20, 30]);
+        assert_eq!(row.1.2, [2, 1, v7_micros(delivery_id), 20, 30]);
         assert_eq!(row.1.3, "worker-x");
         assert_eq!(row.1.4, (40, 503));
     }
 
     /// A recovery larger than one chunk requeues every row once, also when
-    /// many rows share one `created_at` across a chunk boundary.
+    /// many rows share one millisecond across a chunk boundary.
     #[tokio::test]
     async fn recovery_spans_chunks() {
         let folder = tempfile::tempdir().expect("a temporary folder");
@@ -1474,27 +1514,25 @@ mod tests {
                         status, created_at)
                      VALUES (?1, ?2, ?3, 'booking.created', 'a', ?4, ?5)",
                 )?;
+                let mut store_at = |millis: u64, status: &str| {
+                    let id = id_at(millis);
+                    insert.execute(params![
+                        id.to_string(),
+                        webhook.to_string(),
+                        Uuid::now_v7().to_string(),
+                        status,
+                        v7_micros(id),
+                    ])
+                };
                 for n in 0..total {
-                    // Three timestamps only, so chunk edges fall inside runs of equal times.
+                    // Three milliseconds only, so chunk edges fall inside runs of equal times.
                     let status = if n % 10 == 0 { "cancelled" } else { "failed" };
-                    insert.execute(params![
-                        Uuid::now_v7().to_string(),
-                        webhook.to_string(),
-                        Uuid::now_v7().to_string(),
-                        status,
-                        (n % 3) as i64 + 100,
-                    ])?;
+                    store_at(WINDOW_START + n as u64 % 3, status)?;
                 }
-                // A delivery still pending and one outside the window stay as they are.
-                for (status, created_at) in [("pending", 101), ("failed", 500)] {
-                    insert.execute(params![
-                        Uuid::now_v7().to_string(),
-                        webhook.to_string(),
-                        Uuid::now_v7().to_string(),
-                        status,
-                        created_at,
-                    ])?;
-                }
+                // A delivery still pending and those outside the window stay as they are.
+                store_at(WINDOW_START + 1, "pending")?;
+                store_at(WINDOW_START - 1, "failed")?;
+                store_at(WINDOW_START + 3, "failed")?;
                 Ok(())
             })
             .await
@@ -1504,8 +1542,8 @@ mod tests {
             .recover(Recovery {
                 business_id: business,
                 webhook_id: webhook,
-                since: 100,
-                until: 200,
+                since: WINDOW_START as i64 * 1000,
+                until: (WINDOW_START as i64 + 3) * 1000,
                 dry_run: false,
                 now: 42,
             })
@@ -1528,7 +1566,7 @@ mod tests {
         assert_eq!(
             counts,
             vec![
-                ("failed".to_owned(), 1, None),
+                ("failed".to_owned(), 2, None),
                 ("pending".to_owned(), total as i64 + 1, Some(42)),
             ]
         );
