@@ -80,17 +80,50 @@ fn open_connection(path: &str) -> rusqlite::Result<Connection> {
     Ok(connection)
 }
 
-fn migrate(connection: &mut Connection) -> anyhow::Result<()> {
+/// Applies the migrations the file lacks. A `serve` process holds
+/// `<path>.lock` while it runs, and a running server may not know the new
+/// schema, so migrations are applied only while that lock is free. It is
+/// held until they are done.
+fn migrate(connection: &mut Connection, path: &str) -> anyhow::Result<()> {
     let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        anyhow::bail!(
+            "the SQLite file {path} has schema version {version}, newer than this binary \
+             knows ({known}); run a newer citapro-webhooks"
+        );
+    }
+    if version == known {
+        return Ok(());
+    }
+    let _lock = lock_for_migrations(path, version + 1)?;
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let version = index as i64 + 1;
+        tracing::info!(version, path, "applying SQLite migration");
         let transaction = connection.transaction()?;
         transaction
             .execute_batch(sql)
-            .with_context(|| format!("applying SQLite migration {}", index + 1))?;
-        transaction.pragma_update(None, "user_version", (index + 1) as i64)?;
+            .with_context(|| format!("applying SQLite migration {version}"))?;
+        transaction.pragma_update(None, "user_version", version)?;
         transaction.commit()?;
+        tracing::info!(version, path, "applied SQLite migration");
     }
     Ok(())
+}
+
+/// Takes the lock that a `serve` process holds on `<path>.lock`, so that no
+/// server writes to the file while its schema changes under it.
+fn lock_for_migrations(path: &str, first: i64) -> anyhow::Result<std::fs::File> {
+    let lock_path = format!("{path}.lock");
+    let file =
+        std::fs::File::create(&lock_path).with_context(|| format!("creating {lock_path}"))?;
+    file.try_lock().map_err(|_| {
+        anyhow::anyhow!(
+            "the SQLite file {path} needs migration {first} and later, but a serve process \
+             is using it; stop that process, then run citapro-webhooks migrate"
+        )
+    })?;
+    Ok(file)
 }
 
 impl SqliteStore {
@@ -109,7 +142,7 @@ impl SqliteStore {
         }
         let mut writer =
             open_connection(&path).with_context(|| format!("opening SQLite database {path}"))?;
-        migrate(&mut writer)?;
+        migrate(&mut writer, &path)?;
         writer.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
         // From here on the writer commits without waiting for the disk, and
         // the syncer thread syncs the WAL before any write is reported done
@@ -1401,6 +1434,54 @@ impl SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pending migrations are refused while a `serve` process holds the
+    /// file's lock, and so is a schema newer than the binary's migrations.
+    #[tokio::test]
+    async fn migrations_need_the_lock_and_a_known_schema() {
+        let folder = tempfile::tempdir().expect("a temporary folder");
+        let path = folder.path().join("store.db");
+        let path = path.to_str().expect("a UTF-8 path");
+        {
+            let connection = Connection::open(path).expect("creating the file");
+            connection
+                .execute_batch(MIGRATIONS[0])
+                .expect("applying the first migration");
+            connection
+                .pragma_update(None, "user_version", 1)
+                .expect("recording the first version");
+        }
+        let server = std::fs::File::create(format!("{path}.lock")).expect("the lock file");
+        server.try_lock().expect("locking as a server would");
+        let refused = SqliteStore::open(path)
+            .await
+            .err()
+            .expect("a held lock stops the migrations");
+        assert!(
+            refused.to_string().contains("a serve process is using it"),
+            "{refused:#}"
+        );
+        let version: i64 = Connection::open(path)
+            .and_then(|c| c.pragma_query_value(None, "user_version", |row| row.get(0)))
+            .expect("reading the version");
+        assert_eq!(version, 1);
+
+        drop(server);
+        SqliteStore::open(path)
+            .await
+            .expect("migrating once the lock is free");
+        Connection::open(path)
+            .and_then(|c| c.pragma_update(None, "user_version", MIGRATIONS.len() as i64 + 1))
+            .expect("marking the schema newer");
+        let newer = SqliteStore::open(path)
+            .await
+            .err()
+            .expect("a newer schema is refused");
+        assert!(
+            newer.to_string().contains("newer than this binary"),
+            "{newer:#}"
+        );
+    }
 
     /// A millisecond of 2026 at which the recovery test creates deliveries.
     const WINDOW_START: u64 = 1_780_000_000_000;
