@@ -97,6 +97,10 @@ fn migrate(connection: &mut Connection, path: &str) -> anyhow::Result<()> {
         return Ok(());
     }
     let _lock = lock_for_migrations(path, version + 1)?;
+    // A migration that rewrites a whole table keeps temporary copies of its
+    // pages as large as the table, so they go to a temporary file, not to
+    // memory.
+    connection.pragma_update(None, "temp_store", "FILE")?;
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let version = index as i64 + 1;
         tracing::info!(version, path, "applying SQLite migration");
@@ -108,6 +112,7 @@ fn migrate(connection: &mut Connection, path: &str) -> anyhow::Result<()> {
         transaction.commit()?;
         tracing::info!(version, path, "applied SQLite migration");
     }
+    connection.pragma_update(None, "temp_store", "MEMORY")?;
     Ok(())
 }
 
