@@ -53,7 +53,6 @@ const WEBHOOK_LIMIT_LOCK_CLASS: i32 = 0x6369_7477;
 const MIGRATIONS: &[&str] = &[
     include_str!("sql/postgres_v1.sql"),
     include_str!("sql/postgres_v2.sql"),
-    include_str!("sql/postgres_v3.sql"),
 ];
 
 /// Event batches written at once, each on its own pool connection. Fewer
@@ -557,14 +556,14 @@ impl PostgresStore {
         let rows = query(
             &client,
             "WITH due AS (
-                 SELECT webhook_id, id, due_at FROM deliveries
+                 SELECT id, due_at FROM deliveries
                  WHERE due_at IS NOT NULL AND due_at <= $1 AND NOT (webhook_id = ANY($2))
                  ORDER BY due_at
                  LIMIT $3
                  FOR UPDATE SKIP LOCKED
              ), leased AS (
                  UPDATE deliveries d SET due_at = $4, leased_by = $5
-                 FROM due WHERE d.webhook_id = due.webhook_id AND d.id = due.id
+                 FROM due WHERE d.id = due.id
                  RETURNING d.id, d.webhook_id, d.event_id, d.event, d.auto_attempts,
                      due.due_at AS was_due_at
              )
@@ -622,13 +621,8 @@ impl PostgresStore {
         let renewed = execute(
             &client,
             "UPDATE deliveries SET due_at = $1
-             WHERE webhook_id = $4 AND id = $2 AND leased_by = $3 AND status = 'pending'",
-            &[
-                &until,
-                &delivery.delivery_id.to_string(),
-                &owner,
-                &delivery.webhook_id.to_string(),
-            ],
+             WHERE id = $2 AND leased_by = $3 AND status = 'pending'",
+            &[&until, &delivery.delivery_id.to_string(), &owner],
         )
         .await?;
         Ok(renewed == 1)
@@ -639,19 +633,17 @@ impl PostgresStore {
         deliveries: Vec<DeliveryKey>,
         owner: String,
     ) -> StoreResult<()> {
-        let (webhook_ids, ids): (Vec<String>, Vec<String>) = deliveries
+        let ids: Vec<String> = deliveries
             .iter()
-            .map(|key| (key.webhook_id.to_string(), key.delivery_id.to_string()))
-            .unzip();
+            .map(|key| key.delivery_id.to_string())
+            .collect();
         let mut client = self.client().await?;
         let transaction = client.transaction().await?;
         let released = execute(
             &transaction,
-            "UPDATE deliveries d SET leased_by = NULL, due_at = $1
-             FROM UNNEST($4::text[], $2::text[]) AS k (webhook_id, id)
-             WHERE d.webhook_id = k.webhook_id AND d.id = k.id
-               AND d.leased_by = $3 AND d.due_at IS NOT NULL",
-            &[&now_micros(), &ids, &owner, &webhook_ids],
+            "UPDATE deliveries SET leased_by = NULL, due_at = $1
+             WHERE id = ANY($2) AND leased_by = $3 AND due_at IS NOT NULL",
+            &[&now_micros(), &ids, &owner],
         )
         .await?;
         if released > 0 {
@@ -675,14 +667,10 @@ impl PostgresStore {
         // empty joins by scanning the whole table, and it stays cached on
         // the pooled connection. So each batch gets a plan of its own, with
         // the setting pipelined ahead of the first statement.
-        let mut keys: Vec<(String, String)> = attempts
-            .iter()
-            .map(|a| (a.delivery_id.to_string(), a.webhook_id.to_string()))
-            .collect();
-        keys.sort_unstable();
-        keys.dedup();
-        let (ids, webhook_ids): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
-        let lock_params: Params = &[&webhook_ids, &ids];
+        let mut ids: Vec<String> = attempts.iter().map(|a| a.delivery_id.to_string()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let lock_params: Params = &[&ids];
         let (custom_plans, rows) = tokio::join!(
             biased;
             transaction.batch_execute("SET LOCAL plan_cache_mode = force_custom_plan"),
@@ -690,16 +678,14 @@ impl PostgresStore {
             query(
                 &transaction,
                 "SELECT id, status, due_at, attempt_count, auto_attempts, leased_by,
-                    next_attempt_at, webhook_id
-                 FROM deliveries
-                 WHERE (webhook_id, id) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))
-                 ORDER BY id FOR UPDATE",
+                    next_attempt_at
+                 FROM deliveries WHERE id = ANY($1) ORDER BY id FOR UPDATE",
                 lock_params,
             ),
         );
         custom_plans?;
         let rows = rows?;
-        let mut states: HashMap<String, (DeliveryState, i64, Option<i32>, String)> = HashMap::new();
+        let mut states: HashMap<String, (DeliveryState, i64, Option<i32>)> = HashMap::new();
         for row in &rows {
             let state = DeliveryState {
                 status: row.try_get(1)?,
@@ -709,14 +695,14 @@ impl PostgresStore {
                 leased_by: row.try_get(5)?,
                 next_attempt_at: row.try_get(6)?,
             };
-            states.insert(row.try_get(0)?, (state, 0, None, row.try_get(7)?));
+            states.insert(row.try_get(0)?, (state, 0, None));
         }
 
         let mut rows = AttemptRows::default();
         for attempt in &attempts {
             let id = attempt.delivery_id.to_string();
             // A delivery deleted with its webhook while the attempt ran.
-            let Some((state, last_attempt_at, last_status_code, _)) = states.get_mut(&id) else {
+            let Some((state, last_attempt_at, last_status_code)) = states.get_mut(&id) else {
                 continue;
             };
             *state = apply_attempt(state, attempt);
@@ -744,8 +730,8 @@ impl PostgresStore {
         .await?;
 
         let mut update = DeliveryRows::default();
-        for (id, (state, last_attempt_at, last_status_code, webhook_id)) in states {
-            update.push(webhook_id, id, state, last_attempt_at, last_status_code);
+        for (id, (state, last_attempt_at, last_status_code)) in states {
+            update.push(id, state, last_attempt_at, last_status_code);
         }
         execute(
             &transaction,
@@ -754,10 +740,10 @@ impl PostgresStore {
                 last_status_code = u.last_status_code, status = u.status, due_at = u.due_at,
                 next_attempt_at = u.next_attempt_at, leased_by = u.leased_by
              FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::int[],
-                $6::text[], $7::bigint[], $8::bigint[], $9::text[], $10::text[])
+                $6::text[], $7::bigint[], $8::bigint[], $9::text[])
                 AS u(id, attempt_count, auto_attempts, last_attempt_at, last_status_code,
-                     status, due_at, next_attempt_at, leased_by, webhook_id)
-             WHERE d.webhook_id = u.webhook_id AND d.id = u.id",
+                     status, due_at, next_attempt_at, leased_by)
+             WHERE d.id = u.id",
             &[
                 &update.ids,
                 &update.attempt_counts,
@@ -768,7 +754,6 @@ impl PostgresStore {
                 &update.due_at,
                 &update.next_attempt_at,
                 &update.leased_by,
-                &update.webhook_ids,
             ],
         )
         .await?;
@@ -791,13 +776,12 @@ impl PostgresStore {
         }
         let webhook_id = page.webhook_id.to_string();
         let limit = page.limit as i64;
-        // A delivery's `created_at` is the time in its v7 id (see migration
-        // 3), so the order by `(created_at, id)` is the id order, and a
-        // cursor's id alone marks its place.
-        let after = page.after.map(|(_, id)| id.to_string());
+        let after = page
+            .after
+            .map(|(created_at, id)| (created_at, id.to_string()));
 
         // Only the filters in use go into the statement, so the planner can
-        // walk the primary key (webhook_id, id) for every variant.
+        // walk the (webhook_id, created_at, id) index for every variant.
         let mut sql =
             format!("SELECT {DELIVERY_COLUMNS} FROM deliveries d WHERE d.webhook_id = $1");
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![&webhook_id, &limit];
@@ -809,11 +793,16 @@ impl PostgresStore {
             params.push(event);
             sql.push_str(&format!(" AND d.event = ${}", params.len()));
         }
-        if let Some(id) = &after {
+        if let Some((created_at, id)) = &after {
+            params.push(created_at);
             params.push(id);
-            sql.push_str(&format!(" AND d.id < ${}", params.len()));
+            sql.push_str(&format!(
+                " AND (d.created_at, d.id) < (${}, ${})",
+                params.len() - 1,
+                params.len()
+            ));
         }
-        sql.push_str(" ORDER BY d.id DESC LIMIT $2");
+        sql.push_str(" ORDER BY d.created_at DESC, d.id DESC LIMIT $2");
         let rows = query(&client, &sql, &params).await?;
         Ok(Some(
             rows.iter()
@@ -963,7 +952,7 @@ impl PostgresStore {
                 &event_text,
                 &PING_EVENT,
                 &webhook_text,
-                &v7_micros(delivery_id),
+                &test.now,
             ],
         )
         .await?;
@@ -1003,15 +992,13 @@ impl PostgresStore {
         }
 
         let webhook_id = recovery.webhook_id.to_string();
-        let (low, high) = id_window(recovery.since, recovery.until);
         let count = if recovery.dry_run {
             let count: i64 = query_one(
                 &transaction,
                 "SELECT COUNT(*) FROM deliveries
-                 WHERE webhook_id = $1 AND id >= $4 AND id < $5
-                   AND created_at >= $2 AND created_at < $3
+                 WHERE webhook_id = $1 AND created_at >= $2 AND created_at < $3
                    AND status IN ('failed', 'cancelled') AND NOT is_test",
-                &[&webhook_id, &recovery.since, &recovery.until, &low, &high],
+                &[&webhook_id, &recovery.since, &recovery.until],
             )
             .await?
             .try_get(0)?;
@@ -1021,17 +1008,9 @@ impl PostgresStore {
                 &transaction,
                 "UPDATE deliveries SET status = 'pending', auto_attempts = 0, due_at = $4,
                     next_attempt_at = $4, leased_by = NULL
-                 WHERE webhook_id = $1 AND id >= $5 AND id < $6
-                   AND created_at >= $2 AND created_at < $3
+                 WHERE webhook_id = $1 AND created_at >= $2 AND created_at < $3
                    AND status IN ('failed', 'cancelled') AND NOT is_test",
-                &[
-                    &webhook_id,
-                    &recovery.since,
-                    &recovery.until,
-                    &recovery.now,
-                    &low,
-                    &high,
-                ],
+                &[&webhook_id, &recovery.since, &recovery.until, &recovery.now],
             )
             .await?
         };
@@ -1054,20 +1033,14 @@ impl PostgresStore {
 
         // SKIP LOCKED lets several processes purge at once, and passes over
         // a delivery whose manual attempt is being recorded.
-        // Deliveries are keyed by (webhook_id, id), so each webhook's old
-        // deliveries are found by a range of its key.
         let delivery_ids: Vec<String> = query(
             &transaction,
-            "DELETE FROM deliveries WHERE (webhook_id, id) IN (
-                 SELECT d.webhook_id, d.id FROM webhooks w
-                 CROSS JOIN LATERAL (
-                     SELECT webhook_id, id FROM deliveries
-                     WHERE webhook_id = w.id AND id < $3 AND created_at < $1
-                       AND status <> 'pending'
-                     ORDER BY id
-                     LIMIT $2
-                     FOR UPDATE SKIP LOCKED) d
-                 LIMIT $2)
+            "DELETE FROM deliveries WHERE id IN (
+                 SELECT id FROM deliveries
+                 WHERE id < $3 AND created_at < $1 AND status <> 'pending'
+                 ORDER BY id
+                 LIMIT $2
+                 FOR UPDATE SKIP LOCKED)
              RETURNING id",
             &[&cutoff, &batch, &floor],
         )
@@ -1321,13 +1294,12 @@ async fn record_attempt(
     attempt: &AttemptRecord,
 ) -> StoreResult<()> {
     let id = attempt.delivery_id.to_string();
-    let webhook_id = attempt.webhook_id.to_string();
     let current = query_opt(
         transaction,
         "SELECT status, due_at, attempt_count, auto_attempts, leased_by, next_attempt_at
-         FROM deliveries WHERE webhook_id = $2 AND id = $1
+         FROM deliveries WHERE id = $1
          FOR UPDATE",
-        &[&id, &webhook_id],
+        &[&id],
     )
     .await?;
     // The webhook and its history were deleted while the attempt ran.
@@ -1368,7 +1340,7 @@ async fn record_attempt(
         transaction,
         "UPDATE deliveries SET attempt_count = $1, last_attempt_at = $2, last_status_code = $3,
             status = $4, due_at = $5, next_attempt_at = $6, leased_by = $7, auto_attempts = $9
-         WHERE webhook_id = $10 AND id = $8",
+         WHERE id = $8",
         &[
             &update.attempt_count,
             &attempt.started_at,
@@ -1379,7 +1351,6 @@ async fn record_attempt(
             &update.leased_by,
             &id,
             &update.auto_attempts,
-            &webhook_id,
         ],
     )
     .await?;
@@ -1416,7 +1387,6 @@ impl AttemptRows {
 /// Columns of new delivery states, for one `UPDATE … FROM UNNEST`.
 #[derive(Default)]
 struct DeliveryRows {
-    webhook_ids: Vec<String>,
     ids: Vec<String>,
     attempt_counts: Vec<i64>,
     auto_attempts: Vec<i64>,
@@ -1429,15 +1399,7 @@ struct DeliveryRows {
 }
 
 impl DeliveryRows {
-    fn push(
-        &mut self,
-        webhook_id: String,
-        id: String,
-        state: DeliveryState,
-        last_attempt_at: i64,
-        code: Option<i32>,
-    ) {
-        self.webhook_ids.push(webhook_id);
+    fn push(&mut self, id: String, state: DeliveryState, last_attempt_at: i64, code: Option<i32>) {
         self.ids.push(id);
         self.attempt_counts.push(state.attempt_count);
         self.auto_attempts.push(state.auto_attempts);

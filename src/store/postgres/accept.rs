@@ -22,7 +22,6 @@ use uuid::Uuid;
 
 use super::{DUE_CHANNEL, NOTIFY, Params, parse_uuid, pool_client};
 use crate::domain::payload::build_payload;
-use crate::store::model::v7_micros;
 use crate::store::{AcceptedEvent, Job, NewEvent, StoreError, StoreResult, Trigger};
 
 /// Events written in one transaction at most.
@@ -71,11 +70,10 @@ const DELETE_STATES: &str = "DELETE FROM aggregate_states s
 const INSERT_DELIVERIES: &str = "INSERT INTO deliveries (id, webhook_id, event_id, event,
          aggregate_id, status, created_at, next_attempt_at, due_at, leased_by)
      SELECT d.id, d.webhook_id, d.event_id, d.event, d.aggregate_id, 'pending', d.created_at,
-         d.accepted_at, d.due_at, d.leased_by
+         d.created_at, d.due_at, d.leased_by
      FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::BIGINT[],
-         $7::BIGINT[], $8::TEXT[], $9::BIGINT[])
-         AS d (id, webhook_id, event_id, event, aggregate_id, accepted_at, due_at, leased_by,
-             created_at)";
+         $7::BIGINT[], $8::TEXT[])
+         AS d (id, webhook_id, event_id, event, aggregate_id, created_at, due_at, leased_by)";
 
 /// The sending side of the queue of events waiting for a batch.
 #[derive(Clone)]
@@ -414,9 +412,6 @@ struct BatchRows<'a> {
     delivery_events: Vec<String>,
     delivery_names: Vec<&'static str>,
     delivery_aggregates: Vec<String>,
-    /// When the event was accepted: each delivery's first `next_attempt_at`.
-    delivery_accepted_at: Vec<i64>,
-    /// The time in each delivery's v7 id (see migration 3).
     delivery_created_at: Vec<i64>,
     delivery_due_at: Vec<i64>,
     delivery_leased_by: Vec<Option<String>>,
@@ -439,8 +434,7 @@ impl<'a> BatchRows<'a> {
             self.delivery_events.push(event_id.clone());
             self.delivery_names.push(event.event.name);
             self.delivery_aggregates.push(aggregate.clone());
-            self.delivery_accepted_at.push(event.accepted_at);
-            self.delivery_created_at.push(v7_micros(job.delivery_id));
+            self.delivery_created_at.push(event.accepted_at);
             self.delivery_due_at.push(due_at);
             self.delivery_leased_by.push(leased_by.map(str::to_owned));
         }
@@ -535,10 +529,9 @@ async fn write_rows(transaction: &Transaction<'_>, rows: &BatchRows<'_>) -> Stor
                 &rows.delivery_events,
                 &rows.delivery_names,
                 &rows.delivery_aggregates,
-                &rows.delivery_accepted_at,
+                &rows.delivery_created_at,
                 &rows.delivery_due_at,
                 &rows.delivery_leased_by,
-                &rows.delivery_created_at,
             ];
             transaction.execute(&insert_deliveries, params).await
         },
