@@ -1440,6 +1440,18 @@ impl SqliteStore {
 mod tests {
     use super::*;
 
+    /// Creates a file with the first schema only, as the first release left it.
+    fn first_schema(path: &str) -> Connection {
+        let connection = Connection::open(path).expect("creating the first schema");
+        connection
+            .execute_batch(MIGRATIONS[0])
+            .expect("applying the first migration");
+        connection
+            .pragma_update(None, "user_version", 1)
+            .expect("recording the first version");
+        connection
+    }
+
     /// Pending migrations are refused while a `serve` process holds the
     /// file's lock, and so is a schema newer than the binary's migrations.
     #[tokio::test]
@@ -1447,15 +1459,7 @@ mod tests {
         let folder = tempfile::tempdir().expect("a temporary folder");
         let path = folder.path().join("store.db");
         let path = path.to_str().expect("a UTF-8 path");
-        {
-            let connection = Connection::open(path).expect("creating the file");
-            connection
-                .execute_batch(MIGRATIONS[0])
-                .expect("applying the first migration");
-            connection
-                .pragma_update(None, "user_version", 1)
-                .expect("recording the first version");
-        }
+        drop(first_schema(path));
         let server = std::fs::File::create(format!("{path}.lock")).expect("the lock file");
         server.try_lock().expect("locking as a server would");
         let refused = SqliteStore::open(path)
@@ -1523,13 +1527,7 @@ mod tests {
         let delivery_id = Uuid::now_v7();
         let delivery = delivery_id.to_string();
         {
-            let connection = Connection::open(path).expect("creating the first schema");
-            connection
-                .execute_batch(MIGRATIONS[0])
-                .expect("applying the first migration");
-            connection
-                .pragma_update(None, "user_version", 1)
-                .expect("recording the first version");
+            let connection = first_schema(path);
             connection
                 .execute(
                     "INSERT INTO deliveries (id, webhook_id, event_id, event, aggregate_id,
