@@ -410,7 +410,7 @@ pub struct QueueStats {
     pub earliest_due_at: Option<i64>,
 }
 
-/// The largest time a UUID v7 can hold, in milliseconds (48 bits).
+/// The largest time a UUID v7 can represent, in milliseconds (48 bits).
 const V7_MAX_MILLIS: i64 = 0xffff_ffff_ffff;
 
 /// Returns the time of a UUID v7 in microseconds: the milliseconds in its first
@@ -432,6 +432,17 @@ pub(crate) fn v7_floor(micros: i64) -> String {
     )
 }
 
+/// Makes a UUID v7 of the given millisecond, with random bits after it.
+#[cfg(test)]
+pub(crate) fn v7_at(millis: u64) -> Uuid {
+    Uuid::new_v7(uuid::Timestamp::from_unix_time(
+        millis / 1000,
+        (millis % 1000) as u32 * 1_000_000,
+        0,
+        0,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -441,15 +452,7 @@ mod tests {
         let micros = 1_780_000_000_123_456;
         let floor = v7_floor(micros);
         let millis = (micros / 1000) as u64;
-        let at = |ms: u64| {
-            Uuid::new_v7(uuid::Timestamp::from_unix_time(
-                ms / 1000,
-                (ms % 1000) as u32 * 1_000_000,
-                0,
-                0,
-            ))
-            .to_string()
-        };
+        let at = |ms: u64| v7_at(ms).to_string();
         assert!(at(millis - 1) < floor);
         assert!(at(millis) >= floor);
         assert!(at(millis + 1) > floor);
@@ -458,14 +461,9 @@ mod tests {
     }
 
     #[test]
-    fn v7_micros_reads_the_millisecond_of_an_id() {
+    fn v7_micros_reads_id_millisecond() {
         let millis = 1_780_000_000_123u64;
-        let id = Uuid::new_v7(uuid::Timestamp::from_unix_time(
-            millis / 1000,
-            (millis % 1000) as u32 * 1_000_000,
-            0,
-            0,
-        ));
+        let id = v7_at(millis);
         assert_eq!(v7_micros(id), millis as i64 * 1000);
         let text = id.to_string();
         assert!(text >= v7_floor(v7_micros(id)));

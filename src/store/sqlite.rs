@@ -89,8 +89,8 @@ fn migrate(connection: &mut Connection, path: &str) -> anyhow::Result<()> {
     let known = MIGRATIONS.len() as i64;
     if version > known {
         anyhow::bail!(
-            "the SQLite file {path} has schema version {version}, newer than this binary \
-             knows ({known}); run a newer citapro-webhooks"
+            "the SQLite file {path} has schema version {version}, but this binary supports \
+             versions up to {known}; run a newer citapro-webhooks"
         );
     }
     if version == known {
@@ -690,6 +690,8 @@ impl SqliteStore {
     /// savepoint journal in memory.
     pub async fn recover(&self, recovery: Recovery) -> StoreResult<RecoveryOutcome> {
         let check = recovery.clone();
+        let (low, high) = id_window(recovery.since, recovery.until);
+        let window = (low.clone(), high.clone());
         let found = self
             .read(move |c| {
                 let Some(webhook) = select_webhook(c, check.business_id, check.webhook_id)? else {
@@ -698,7 +700,7 @@ impl SqliteStore {
                 if !webhook.is_active {
                     return Ok(RecoveryOutcome::WebhookInactive);
                 }
-                let (low, high) = id_window(check.since, check.until);
+                let (low, high) = window;
                 let count: i64 = c.query_row(
                     "SELECT COUNT(*) FROM deliveries
                      WHERE webhook_id = ?1 AND id >= ?4 AND id < ?5
@@ -722,7 +724,6 @@ impl SqliteStore {
         }
         // Each chunk resumes after the last row of the one before, in id
         // order, so no chunk reads the rows already requeued.
-        let (low, high) = id_window(recovery.since, recovery.until);
         let mut requeued = 0u64;
         let mut after = String::new();
         loop {
@@ -1440,6 +1441,17 @@ impl SqliteStore {
 mod tests {
     use super::*;
 
+    /// Opens a store on a new file in a temporary folder, which the caller
+    /// keeps for as long as it uses the store.
+    async fn open_fresh() -> (tempfile::TempDir, SqliteStore) {
+        let folder = tempfile::tempdir().expect("a temporary folder");
+        let path = folder.path().join("store.db");
+        let store = SqliteStore::open(path.to_str().expect("a UTF-8 path"))
+            .await
+            .expect("opening the store");
+        (folder, store)
+    }
+
     /// Creates a file with the first schema only, as the first release left it.
     fn first_schema(path: &str) -> Connection {
         let connection = Connection::open(path).expect("creating the first schema");
@@ -1452,23 +1464,23 @@ mod tests {
         connection
     }
 
-    /// Pending migrations are refused while a `serve` process holds the
+    /// Pending migrations are rejected while a `serve` process holds the
     /// file's lock, and so is a schema newer than the binary's migrations.
     #[tokio::test]
-    async fn migrations_need_the_lock_and_a_known_schema() {
+    async fn migrations_need_lock_and_known_schema() {
         let folder = tempfile::tempdir().expect("a temporary folder");
         let path = folder.path().join("store.db");
         let path = path.to_str().expect("a UTF-8 path");
         drop(first_schema(path));
         let server = std::fs::File::create(format!("{path}.lock")).expect("the lock file");
         server.try_lock().expect("locking as a server would");
-        let refused = SqliteStore::open(path)
+        let locked = SqliteStore::open(path)
             .await
             .err()
             .expect("a held lock stops the migrations");
         assert!(
-            refused.to_string().contains("a serve process is using it"),
-            "{refused:#}"
+            locked.to_string().contains("a serve process is using it"),
+            "{locked:#}"
         );
         let version: i64 = Connection::open(path)
             .and_then(|c| c.pragma_query_value(None, "user_version", |row| row.get(0)))
@@ -1485,25 +1497,17 @@ mod tests {
         let newer = SqliteStore::open(path)
             .await
             .err()
-            .expect("a newer schema is refused");
+            .expect("a newer schema is rejected");
         assert!(
-            newer.to_string().contains("newer than this binary"),
+            newer
+                .to_string()
+                .contains("this binary supports versions up to"),
             "{newer:#}"
         );
     }
 
     /// A millisecond of 2026 at which the recovery test creates deliveries.
     const WINDOW_START: u64 = 1_780_000_000_000;
-
-    /// Makes a UUID v7 of the given millisecond, with random bits after it.
-    fn id_at(millis: u64) -> Uuid {
-        Uuid::new_v7(uuid::Timestamp::from_unix_time(
-            millis / 1000,
-            (millis % 1000) as u32 * 1_000_000,
-            0,
-            0,
-        ))
-    }
 
     /// Stores an active webhook subscribed to `booking.created`.
     fn insert_webhook(c: &Connection, id: &str, business: &str) -> rusqlite::Result<()> {
@@ -1582,11 +1586,7 @@ mod tests {
     /// many rows share one millisecond across a chunk boundary.
     #[tokio::test]
     async fn recovery_spans_chunks() {
-        let folder = tempfile::tempdir().expect("a temporary folder");
-        let path = folder.path().join("store.db");
-        let store = SqliteStore::open(path.to_str().expect("a UTF-8 path"))
-            .await
-            .expect("opening the store");
+        let (_folder, store) = open_fresh().await;
         let business = Uuid::new_v4();
         let webhook = Uuid::now_v7();
         let total = 2 * RECOVER_CHUNK + 7;
@@ -1599,7 +1599,7 @@ mod tests {
                      VALUES (?1, ?2, ?3, 'booking.created', 'a', ?4, ?5)",
                 )?;
                 let mut store_at = |millis: u64, status: &str| {
-                    let id = id_at(millis);
+                    let id = v7_at(millis);
                     insert.execute(params![
                         id.to_string(),
                         webhook.to_string(),
@@ -1660,11 +1660,7 @@ mod tests {
     /// each, oldest due first, and take none of a skipped webhook.
     #[tokio::test]
     async fn claims_walk_webhooks_in_turn() {
-        let folder = tempfile::tempdir().expect("a temporary folder");
-        let path = folder.path().join("store.db");
-        let store = SqliteStore::open(path.to_str().expect("a UTF-8 path"))
-            .await
-            .expect("opening the store");
+        let (_folder, store) = open_fresh().await;
         let business = Uuid::new_v4();
         // v7 ids made one after another sort in this order.
         let webhooks: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
@@ -1809,11 +1805,7 @@ mod tests {
     /// call, and keeps pending deliveries and the events they refer to.
     #[tokio::test]
     async fn purge_spans_webhooks_in_batches() {
-        let folder = tempfile::tempdir().expect("a temporary folder");
-        let path = folder.path().join("store.db");
-        let store = SqliteStore::open(path.to_str().expect("a UTF-8 path"))
-            .await
-            .expect("opening the store");
+        let (_folder, store) = open_fresh().await;
         let business = Uuid::new_v4().to_string();
         let kept_event = Uuid::now_v7().to_string();
         let kept_delivery = Uuid::now_v7().to_string();

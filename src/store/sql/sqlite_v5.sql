@@ -1,4 +1,4 @@
--- A delivery's created_at becomes the time held in its UUID v7 id: the
+-- A delivery's created_at becomes the time stored in its UUID v7 id: the
 -- milliseconds of the id's first 48 bits (12 hexadecimal digits), stored in
 -- microseconds like every time. Ordering a webhook's deliveries by
 -- (created_at, id) is then the order of the primary key (webhook_id, id),
