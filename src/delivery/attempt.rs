@@ -18,10 +18,10 @@ pub(super) async fn hold_lease(context: &DeliveryContext, job: &Job) -> bool {
         return true;
     }
     let until = context.lease_until(now);
-    match context
+    let renewing = context
         .store
-        .renew_lease(job.key(), context.owner.clone(), until)
-        .await
+        .renew_lease(job.key(), context.owner.clone(), until);
+    match Box::pin(renewing).await
     {
         Ok(renewed) => renewed,
         Err(error) => {

@@ -321,7 +321,9 @@ async fn run_job(
         let _ = commands.send(Command::Recorded(vec![job.delivery_id]));
         return;
     }
-    let outcome = context.sender.attempt(&job).await;
+    // Boxed, so the task spawned per attempt stays small: a future is
+    // copied into its task, and the request's state is large.
+    let outcome = Box::pin(context.sender.attempt(&job)).await;
     let record = attempt_record(context, &job, &outcome);
     log_outcome(&job, &outcome, &record);
     recorder.record(record);
