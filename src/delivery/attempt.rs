@@ -21,8 +21,7 @@ pub(super) async fn hold_lease(context: &DeliveryContext, job: &Job) -> bool {
     let renewing = context
         .store
         .renew_lease(job.key(), context.owner.clone(), until);
-    match Box::pin(renewing).await
-    {
+    match Box::pin(renewing).await {
         Ok(renewed) => renewed,
         Err(error) => {
             tracing::error!(%error, delivery.id = %job.delivery_id, "renewing a lease failed");

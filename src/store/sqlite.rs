@@ -1,9 +1,10 @@
 //! The SQLite store: one writer thread with group commit, and a pool of readers.
 //!
 //! Every write is a closure run by the writer thread. The thread takes all
-//! writes that are waiting, runs each inside its own savepoint of a single
-//! transaction and commits once, so concurrent requests share one fsync. A
-//! caller hears back only after the commit. Readers use their own connections
+//! writes that are waiting, runs them in a single transaction and commits
+//! once, so concurrent requests share one fsync. A write that fails is
+//! undone alone: the batch then runs again with a savepoint per write (see
+//! [`run_batch`]). A caller hears back only after the commit. Readers use their own connections
 //! and, in WAL mode, see every committed write without blocking the writer.
 
 use std::collections::HashSet;
@@ -52,7 +53,59 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 type Completion = Box<dyn FnOnce(Result<(), String>) + Send>;
-type WriteOp = Box<dyn FnOnce(Option<&Connection>) -> (bool, Completion) + Send>;
+type WriteOp = Box<dyn PendingWrite>;
+
+/// A write waiting for the writer thread. It may run twice: when one write
+/// of a transaction fails, the transaction is rolled back and every write
+/// of it runs again, each in its own savepoint (see [`run_batch`]).
+trait PendingWrite: Send {
+    /// Runs the write, or records that it could not run when `connection`
+    /// is `None`. Returns whether it succeeded.
+    fn run(&mut self, connection: Option<&Connection>) -> bool;
+    /// Hands over the completion, to call with the commit's outcome.
+    fn into_completion(self: Box<Self>) -> Completion;
+}
+
+struct Write<T, F> {
+    f: F,
+    result: Option<StoreResult<T>>,
+    sender: oneshot::Sender<StoreResult<T>>,
+}
+
+impl<T, F> PendingWrite for Write<T, F>
+where
+    T: Send + 'static,
+    F: Fn(&Connection) -> StoreResult<T> + Send + 'static,
+{
+    fn run(&mut self, connection: Option<&Connection>) -> bool {
+        let result = match connection {
+            Some(connection) => (self.f)(connection),
+            None => Err(StoreError::Backend(anyhow::anyhow!(
+                "the SQLite transaction could not start"
+            ))),
+        };
+        let ok = result.is_ok();
+        self.result = Some(result);
+        ok
+    }
+
+    fn into_completion(self: Box<Self>) -> Completion {
+        let Write { result, sender, .. } = *self;
+        Box::new(move |commit| {
+            let outcome = match commit {
+                Ok(()) => result.unwrap_or_else(|| {
+                    Err(StoreError::Backend(anyhow::anyhow!(
+                        "the SQLite write did not run"
+                    )))
+                }),
+                Err(message) => Err(StoreError::Backend(anyhow::anyhow!(
+                    "SQLite commit failed: {message}"
+                ))),
+            };
+            let _ = sender.send(outcome);
+        })
+    }
+}
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -194,30 +247,18 @@ impl SqliteStore {
     }
 
     /// Runs `f` inside the writer's next transaction and returns after commit.
+    /// `f` may run twice (see [`PendingWrite`]), so it must not consume what
+    /// it captures; only the result of its last run counts.
     async fn write<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+        F: Fn(&Connection) -> StoreResult<T> + Send + 'static,
     {
         let (sender, receiver) = oneshot::channel::<StoreResult<T>>();
-        let op: WriteOp = Box::new(move |connection| {
-            let result = match connection {
-                Some(connection) => f(connection),
-                None => Err(StoreError::Backend(anyhow::anyhow!(
-                    "the SQLite transaction could not start"
-                ))),
-            };
-            let ok = result.is_ok();
-            let complete: Completion = Box::new(move |commit| {
-                let outcome = match commit {
-                    Ok(()) => result,
-                    Err(message) => Err(StoreError::Backend(anyhow::anyhow!(
-                        "SQLite commit failed: {message}"
-                    ))),
-                };
-                let _ = sender.send(outcome);
-            });
-            (ok, complete)
+        let op: WriteOp = Box::new(Write {
+            f,
+            result: None,
+            sender,
         });
         self.inner
             .writer
@@ -412,7 +453,7 @@ impl SqliteStore {
     }
 
     pub async fn accept_event(&self, event: NewEvent) -> StoreResult<AcceptedEvent> {
-        self.write(move |c| accept_event(c, event)).await
+        self.write(move |c| accept_event(c, &event)).await
     }
 
     /// Finds due work on a reader, so the scan never holds up the writer,
@@ -423,7 +464,7 @@ impl SqliteStore {
         if found.is_empty() {
             return Ok(found);
         }
-        self.write(move |c| lease_found(c, &claim, found)).await
+        self.write(move |c| lease_found(c, &claim, &found)).await
     }
 
     /// Finds the earliest due time of all deliveries, with one seek per
@@ -474,7 +515,7 @@ impl SqliteStore {
                 "UPDATE deliveries SET leased_by = NULL, due_at = ?1
                  WHERE webhook_id = ?4 AND id = ?2 AND leased_by = ?3 AND due_at IS NOT NULL",
             )?;
-            for key in deliveries {
+            for key in &deliveries {
                 statement.execute(params![
                     now,
                     key.delivery_id.to_string(),
@@ -676,7 +717,7 @@ impl SqliteStore {
                 event: PING_EVENT.to_owned(),
                 url: webhook.url,
                 secret: webhook.secret,
-                payload: Bytes::from(test.payload),
+                payload: Bytes::from(test.payload.clone()),
                 auto_attempts: 0,
                 trigger: Trigger::Test,
                 lease_until: 0,
@@ -686,8 +727,8 @@ impl SqliteStore {
     }
 
     /// Requeues in chunks of [`RECOVER_CHUNK`] rows, one transaction each,
-    /// so a large window neither holds up other writes nor builds one huge
-    /// savepoint journal in memory.
+    /// so a large window never holds up other writes for long, nor builds a
+    /// large rollback journal in memory when a chunk runs again in a savepoint.
     pub async fn recover(&self, recovery: Recovery) -> StoreResult<RecoveryOutcome> {
         let check = recovery.clone();
         let (low, high) = id_window(recovery.since, recovery.until);
@@ -1006,32 +1047,33 @@ fn run_syncer(wal: std::fs::File, receiver: mpsc::Receiver<Committed>, progress:
     }
 }
 
-fn run_batch(connection: &Connection, batch: Vec<WriteOp>) -> Committed {
-    let began = run_cached(connection, "BEGIN IMMEDIATE");
-    let mut completions = Vec::with_capacity(batch.len());
-    for op in batch {
-        if began.is_err() {
-            completions.push(op(None).1);
-            continue;
+/// Runs a batch of writes in one transaction.
+///
+/// The writes first run one after another with no savepoint, since a
+/// savepoint copies every page a write touches first. When all succeed,
+/// the transaction commits. When one fails, the whole transaction is rolled
+/// back and every write runs again in its own savepoint, so the failed one
+/// is undone alone and the others commit.
+fn run_batch(connection: &Connection, mut batch: Vec<WriteOp>) -> Committed {
+    let mut result = run_cached(connection, "BEGIN IMMEDIATE");
+    if result.is_ok() && !batch.iter_mut().all(|op| op.run(Some(connection))) {
+        // Some errors end the transaction themselves.
+        if !connection.is_autocommit() {
+            let _ = connection.execute_batch("ROLLBACK");
         }
-        if let Err(error) = run_cached(connection, "SAVEPOINT write_op") {
-            tracing::error!(%error, "SQLite savepoint failed");
-            completions.push(op(None).1);
-            continue;
+        result = run_cached(connection, "BEGIN IMMEDIATE");
+        if result.is_ok() {
+            for op in &mut batch {
+                run_in_savepoint(connection, op.as_mut());
+            }
         }
-        let (ok, completion) = op(Some(connection));
-        let ended = if ok {
-            run_cached(connection, "RELEASE write_op")
-        } else {
-            run_cached(connection, "ROLLBACK TO write_op")
-                .and_then(|()| run_cached(connection, "RELEASE write_op"))
-        };
-        if let Err(error) = ended {
-            tracing::error!(%error, "SQLite savepoint release failed");
-        }
-        completions.push(completion);
     }
-    let committed = began.and_then(|()| {
+    if result.is_err() {
+        for op in &mut batch {
+            op.run(None);
+        }
+    }
+    let committed = result.and_then(|()| {
         run_cached(connection, "COMMIT").inspect_err(|_| {
             let _ = connection.execute_batch("ROLLBACK");
         })
@@ -1040,8 +1082,26 @@ fn run_batch(connection: &Connection, batch: Vec<WriteOp>) -> Committed {
         tracing::error!(%error, "SQLite transaction failed");
     }
     Committed {
-        completions,
+        completions: batch.into_iter().map(|op| op.into_completion()).collect(),
         result: committed,
+    }
+}
+
+/// Runs one write in a savepoint, which is rolled back if the write fails.
+fn run_in_savepoint(connection: &Connection, op: &mut dyn PendingWrite) {
+    if let Err(error) = run_cached(connection, "SAVEPOINT write_op") {
+        tracing::error!(%error, "SQLite savepoint failed");
+        op.run(None);
+        return;
+    }
+    let ended = if op.run(Some(connection)) {
+        run_cached(connection, "RELEASE write_op")
+    } else {
+        run_cached(connection, "ROLLBACK TO write_op")
+            .and_then(|()| run_cached(connection, "RELEASE write_op"))
+    };
+    if let Err(error) = ended {
+        tracing::error!(%error, "SQLite savepoint release failed");
     }
 }
 
@@ -1080,13 +1140,13 @@ fn select_webhook(c: &Connection, business_id: Uuid, id: Uuid) -> StoreResult<Op
     Ok(webhook)
 }
 
-fn accept_event(c: &Connection, event: NewEvent) -> StoreResult<AcceptedEvent> {
+fn accept_event(c: &Connection, event: &NewEvent) -> StoreResult<AcceptedEvent> {
     let business = event.business_id.to_string();
     let aggregate = event.aggregate_id.to_string();
     let entity = event.event.entity.name;
 
-    let payload = match event.payload {
-        Some(payload) => payload,
+    let payload = match &event.payload {
+        Some(payload) => payload.clone(),
         None => {
             let stored: Option<String> = c
                 .prepare_cached(
@@ -1294,7 +1354,7 @@ fn find_due_of_webhook(
 
 /// Leases the found deliveries that are still due, on the writer, and
 /// returns those. A delivery leased or finished since it was found is dropped.
-fn lease_found(c: &Connection, claim: &Claim, found: Vec<Job>) -> StoreResult<Vec<Job>> {
+fn lease_found(c: &Connection, claim: &Claim, found: &[Job]) -> StoreResult<Vec<Job>> {
     let mut lease = c.prepare_cached(
         "UPDATE deliveries SET due_at = ?1, leased_by = ?2
          WHERE webhook_id = ?5 AND id = ?3 AND due_at IS NOT NULL AND due_at <= ?4",
@@ -1309,7 +1369,7 @@ fn lease_found(c: &Connection, claim: &Claim, found: Vec<Job>) -> StoreResult<Ve
             job.webhook_id.to_string(),
         ])?;
         if changed == 1 {
-            leased.push(job);
+            leased.push(job.clone());
         }
     }
     Ok(leased)
@@ -1749,6 +1809,91 @@ mod tests {
         };
         assert_eq!(due_of_b, vec![5, 15]);
         assert_eq!(store.next_due_at().await.expect("next due time"), Some(1));
+    }
+
+    /// A pending write that inserts one API key, counting its runs, and
+    /// fails after inserting when `fails` is set.
+    fn key_write(
+        key: &'static str,
+        fails: bool,
+        runs: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> (WriteOp, oneshot::Receiver<StoreResult<()>>) {
+        let (sender, receiver) = oneshot::channel();
+        let op: WriteOp = Box::new(Write {
+            f: move |c: &Connection| {
+                runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                c.execute(
+                    "INSERT INTO api_keys (key_hash, business_id, created_at) VALUES (?1, 'b', 0)",
+                    params![key],
+                )?;
+                if fails {
+                    return Err(StoreError::WebhookLimit(0));
+                }
+                Ok(())
+            },
+            result: None,
+            sender,
+        });
+        (op, receiver)
+    }
+
+    /// Runs a batch of key writes as the writer does, completes it as the
+    /// syncer would, and returns each write's outcome, the runs of the
+    /// batch's writes, and the stored keys.
+    fn run_key_batch(
+        c: &Connection,
+        writes: &[(&'static str, bool)],
+    ) -> (Vec<bool>, usize, Vec<String>) {
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (batch, receivers): (Vec<_>, Vec<_>) = writes
+            .iter()
+            .map(|&(key, fails)| key_write(key, fails, runs.clone()))
+            .unzip();
+        let committed = run_batch(c, batch);
+        for completion in committed.completions {
+            completion(committed.result.clone());
+        }
+        let outcomes = receivers
+            .into_iter()
+            .map(|mut receiver| receiver.try_recv().expect("a completed write").is_ok())
+            .collect();
+        let keys = c
+            .prepare("SELECT key_hash FROM api_keys ORDER BY key_hash")
+            .expect("listing keys")
+            .query_map([], |row| row.get(0))
+            .expect("listing keys")
+            .collect::<Result<Vec<String>, _>>()
+            .expect("reading keys");
+        (
+            outcomes,
+            runs.load(std::sync::atomic::Ordering::SeqCst),
+            keys,
+        )
+    }
+
+    /// A batch whose writes all succeed runs each write once, without
+    /// savepoints. When one fails after writing, the batch runs again with
+    /// a savepoint per write: the failed write leaves nothing behind and
+    /// the others commit.
+    #[test]
+    fn failed_write_is_undone_alone() {
+        let folder = tempfile::tempdir().expect("a temporary folder");
+        let path = folder.path().join("batch.db");
+        let path = path.to_str().expect("a UTF-8 path");
+        let mut c = open_connection(path).expect("opening the file");
+        migrate(&mut c, path).expect("migrating");
+
+        let (outcomes, runs, keys) = run_key_batch(&c, &[("a", false), ("b", false)]);
+        assert_eq!(outcomes, [true, true]);
+        assert_eq!(runs, 2);
+        assert_eq!(keys, ["a", "b"]);
+
+        let (outcomes, runs, keys) = run_key_batch(&c, &[("c", false), ("d", true), ("e", false)]);
+        assert_eq!(outcomes, [true, false, true]);
+        // The first pass stops at the failed write; the second runs all three.
+        assert_eq!(runs, 2 + 3);
+        assert_eq!(keys, ["a", "b", "c", "e"]);
+        assert!(c.is_autocommit(), "no transaction is left open");
     }
 
     /// Runs `run_syncer` over `file` for two transactions, one committed and
