@@ -36,6 +36,11 @@ const READER_CACHE_KIB: i64 = 2 * 1024;
 const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 /// The wait between two checkpoints run by the writer itself (see [`run_writer`]).
 const WRITER_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+/// WAL frames after which the writer checkpoints sooner, so that the WAL
+/// starts over inside the part of the file already written (16 MiB of
+/// 4 KiB pages), and no later than [`WRITER_CHECKPOINT_MIN_INTERVAL`] apart.
+const WAL_RESTART_FRAMES: i32 = 4096;
+const WRITER_CHECKPOINT_MIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 /// The size SQLite cuts the WAL file back to when it starts the WAL over.
 const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 /// The busy time after which the writer starts its next transaction while
@@ -222,6 +227,8 @@ impl SqliteStore {
         // adds a short one now and then (see `run_writer`).
         writer.pragma_update(None, "wal_autocheckpoint", 0)?;
         writer.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
+        // After the pragma above, which would replace it.
+        writer.wal_hook(Some(note_wal_frames));
         let checkpointer = open_connection(&path)?;
 
         let (sender, receiver) = mpsc::channel::<WriteOp>();
@@ -919,6 +926,9 @@ fn run_checkpoints(connection: Connection, store: std::sync::Weak<Inner>) {
 /// allocated file blocks. So now and then the writer itself checkpoints
 /// between two transactions, when no new frame can arrive. Little is left
 /// to copy by then, and the next commit starts the WAL from its beginning.
+/// It does so every [`WRITER_CHECKPOINT_INTERVAL`], and sooner once the WAL
+/// holds [`WAL_RESTART_FRAMES`]: under load the WAL then stays within
+/// blocks the file already has, which cost less to write than new ones.
 fn run_writer(
     connection: Connection,
     receiver: mpsc::Receiver<WriteOp>,
@@ -954,11 +964,25 @@ fn run_writer(
         if busy < OVERLAP_MIN_BUSY {
             progress.wait_for(sent);
         }
-        if last_checkpoint.elapsed() >= WRITER_CHECKPOINT_INTERVAL {
+        let since = last_checkpoint.elapsed();
+        if since >= WRITER_CHECKPOINT_INTERVAL
+            || (WAL_FRAMES.get() >= WAL_RESTART_FRAMES && since >= WRITER_CHECKPOINT_MIN_INTERVAL)
+        {
             checkpoint(&connection);
             last_checkpoint = std::time::Instant::now();
         }
     }
+}
+
+thread_local! {
+    /// Frames in the WAL after the writer thread's last commit.
+    static WAL_FRAMES: std::cell::Cell<i32> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs on the writer thread after each commit, with the WAL's frame count.
+fn note_wal_frames(_: &rusqlite::hooks::Wal, frames: std::ffi::c_int) -> rusqlite::Result<()> {
+    WAL_FRAMES.set(frames);
+    Ok(())
 }
 
 /// Copies the WAL back into the database file as far as readers allow.
