@@ -95,15 +95,16 @@ fn parse_uuid_field(
     None
 }
 
+/// Reads a snapshot field's value, taken out of the request body.
 fn parse_snapshot(
-    object: &Map<String, Value>,
+    value: Option<Value>,
     field: &str,
     event: Option<&EventType>,
     errors: &mut Vec<FieldError>,
 ) -> Option<Map<String, Value>> {
-    let snapshot = match object.get(field) {
+    let snapshot = match value {
         None | Some(Value::Null) => return None,
-        Some(Value::Object(snapshot)) => snapshot.clone(),
+        Some(Value::Object(snapshot)) => snapshot,
         Some(_) => {
             errors.push(FieldError::new(field, "must be a JSON object"));
             return None;
@@ -120,9 +121,9 @@ fn parse_snapshot(
     Some(snapshot)
 }
 
-fn parse_request(object: &Map<String, Value>) -> Result<EventRequest, ApiError> {
+fn parse_request(mut object: Map<String, Value>) -> Result<EventRequest, ApiError> {
     let mut errors = Vec::new();
-    unknown_fields(object, FIELDS, &mut errors);
+    unknown_fields(&object, FIELDS, &mut errors);
 
     let event = match object.get("event") {
         None | Some(Value::Null) => {
@@ -144,8 +145,8 @@ fn parse_request(object: &Map<String, Value>) -> Result<EventRequest, ApiError> 
             None
         }
     };
-    let business_id = parse_uuid_field(object, "business_account_id", &mut errors);
-    let aggregate_id = parse_uuid_field(object, "aggregate_id", &mut errors);
+    let business_id = parse_uuid_field(&object, "business_account_id", &mut errors);
+    let aggregate_id = parse_uuid_field(&object, "aggregate_id", &mut errors);
 
     let occurred_on = match object.get("occurred_on") {
         None | Some(Value::Null) => None,
@@ -166,8 +167,8 @@ fn parse_request(object: &Map<String, Value>) -> Result<EventRequest, ApiError> 
     if object.get("data").is_none_or(Value::is_null) {
         errors.push(FieldError::new("data", "is required"));
     }
-    let data = parse_snapshot(object, "data", event, &mut errors);
-    let previous = parse_snapshot(object, "previous", event, &mut errors);
+    let data = parse_snapshot(object.remove("data"), "data", event, &mut errors);
+    let previous = parse_snapshot(object.remove("previous"), "previous", event, &mut errors);
 
     match (event, business_id, aggregate_id, data) {
         (Some(event), Some(business_id), Some(aggregate_id), Some(data)) if errors.is_empty() => {
@@ -209,7 +210,7 @@ pub async fn accept_event(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let object = json_object(body)?;
-    let request = parse_request(&object)?;
+    let request = parse_request(object)?;
 
     let accepted_at = now_micros();
     let occurred_on = request
