@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::helpers::{
-    ServiceOptions, TestReceiver, TestService, assert_invalid_field, assert_problem, event_body,
+    ServiceOptions, TestReceiver, TestService, assert_invalid_field, assert_problem, event_body, ms,
 };
 
 fn parse(text: &str) -> Value {
@@ -476,5 +476,95 @@ async fn given_previous_overrides_stored_state() {
     assert_eq!(
         received[0].json()["data"]["changes"],
         parse(r#"{"firstname":{"old":"Eva","new":"Ana"}}"#)
+    );
+}
+
+/// Rejected updates sent at the same moment as valid events, so that the
+/// store handles them in the same transactions, leave no trace, and every
+/// valid event is stored and delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_updates_leave_concurrent_events_stored() {
+    let service = std::sync::Arc::new(TestService::start(ServiceOptions::default()).await);
+    let business = service.create_business().await;
+    let receiver = TestReceiver::start().await;
+    let webhook = service
+        .create_webhook(
+            &business,
+            &receiver.url,
+            &["client.created", "client.updated"],
+        )
+        .await;
+
+    let mut sends = tokio::task::JoinSet::new();
+    for index in 0..60 {
+        let service = service.clone();
+        let business_id = business.id;
+        sends.spawn(async move {
+            // Every third event updates an aggregate with no stored state.
+            let rejected = index % 3 == 0;
+            let event = if rejected {
+                "client.updated"
+            } else {
+                "client.created"
+            };
+            let aggregate = Uuid::new_v4();
+            let body = event_body(
+                event,
+                business_id,
+                aggregate,
+                &format!(r#"{{"firstname":"Ana {index}"}}"#),
+                None,
+            );
+            (rejected, aggregate, service.send_event(&body).await)
+        });
+    }
+    let mut accepted = std::collections::HashSet::new();
+    let mut rejected = std::collections::HashSet::new();
+    while let Some(sent) = sends.join_next().await {
+        let (expected_rejection, aggregate, response) = sent.expect("sending an event");
+        if expected_rejection {
+            assert_invalid_field(&response, "previous", "update of an unknown aggregate");
+            rejected.insert(aggregate.to_string());
+        } else {
+            assert_eq!(response.status, 202, "valid event: {}", response.text());
+            accepted.insert(aggregate.to_string());
+        }
+    }
+    assert_eq!((accepted.len(), rejected.len()), (40, 20));
+
+    let requests = receiver.wait_for_requests(accepted.len()).await;
+    receiver
+        .assert_count_stays(accepted.len(), ms(500), "deliveries of rejected events")
+        .await;
+    let delivered: std::collections::HashSet<String> = requests
+        .iter()
+        .map(|request| {
+            request.json()["aggregate_id"]
+                .as_str()
+                .expect("aggregate_id is text")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(delivered, accepted, "each valid event delivered once");
+
+    let listed = service
+        .get(
+            &format!("/v1/webhooks/{}/deliveries?limit=100", webhook.id),
+            &business,
+        )
+        .await;
+    assert_eq!(listed.status, 200, "listing: {}", listed.text());
+    let listed = listed.json();
+    let listed = listed["data"].as_array().expect("a data array");
+    assert_eq!(
+        listed.len(),
+        accepted.len(),
+        "no delivery stored for a rejected event"
+    );
+    assert!(
+        listed
+            .iter()
+            .all(|delivery| delivery["event"] == "client.created"),
+        "only the valid events have deliveries: {listed:?}"
     );
 }
