@@ -38,8 +38,9 @@ const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_milli
 const WRITER_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 /// WAL frames after which the writer checkpoints sooner, so that the WAL
 /// starts over inside the part of the file already written (16 MiB of
-/// 4 KiB pages), and no later than [`WRITER_CHECKPOINT_MIN_INTERVAL`] apart.
+/// 4 KiB pages).
 const WAL_RESTART_FRAMES: i32 = 4096;
+/// The shortest wait between two checkpoints that [`WAL_RESTART_FRAMES`] starts.
 const WRITER_CHECKPOINT_MIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 /// The size SQLite cuts the WAL file back to when it starts the WAL over.
 const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
@@ -1835,8 +1836,8 @@ mod tests {
         assert_eq!(store.next_due_at().await.expect("next due time"), Some(1));
     }
 
-    /// A pending write that inserts one API key, counting its runs, and
-    /// fails after inserting when `fails` is set.
+    /// Builds a pending write that inserts one API key, counts its runs,
+    /// and fails after inserting when `fails` is set.
     fn key_write(
         key: &'static str,
         fails: bool,

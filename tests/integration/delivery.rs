@@ -481,15 +481,8 @@ async fn burst_is_delivered_once_each() {
     let delivery_ids: std::collections::HashSet<&str> =
         requests.iter().map(ReceivedRequest::delivery_id).collect();
     assert_eq!(delivery_ids.len(), count, "distinct delivery ids");
-    let delivered: std::collections::HashSet<String> = requests
-        .iter()
-        .map(|request| {
-            request.json()["aggregate_id"]
-                .as_str()
-                .expect("aggregate_id is text")
-                .to_owned()
-        })
-        .collect();
+    let delivered: std::collections::HashSet<String> =
+        requests.iter().map(ReceivedRequest::aggregate_id).collect();
     assert_eq!(delivered, aggregates, "every event delivered");
 }
 

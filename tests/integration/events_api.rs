@@ -7,7 +7,8 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::helpers::{
-    ServiceOptions, TestReceiver, TestService, assert_invalid_field, assert_problem, event_body, ms,
+    ReceivedRequest, ServiceOptions, TestReceiver, TestService, assert_invalid_field,
+    assert_problem, event_body, ms,
 };
 
 fn parse(text: &str) -> Value {
@@ -536,15 +537,8 @@ async fn rejected_updates_leave_concurrent_events_stored() {
     receiver
         .assert_count_stays(accepted.len(), ms(500), "deliveries of rejected events")
         .await;
-    let delivered: std::collections::HashSet<String> = requests
-        .iter()
-        .map(|request| {
-            request.json()["aggregate_id"]
-                .as_str()
-                .expect("aggregate_id is text")
-                .to_owned()
-        })
-        .collect();
+    let delivered: std::collections::HashSet<String> =
+        requests.iter().map(ReceivedRequest::aggregate_id).collect();
     assert_eq!(delivered, accepted, "each valid event delivered once");
 
     let listed = service

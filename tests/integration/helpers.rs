@@ -620,6 +620,14 @@ impl ReceivedRequest {
         self.header("x-citapro-delivery-id")
     }
 
+    /// Returns the `aggregate_id` of the delivered payload.
+    pub fn aggregate_id(&self) -> String {
+        self.json()["aggregate_id"]
+            .as_str()
+            .expect("aggregate_id is text")
+            .to_owned()
+    }
+
     /// Parses the body as JSON, or panics with the body text.
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|error| {
