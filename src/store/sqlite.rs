@@ -26,6 +26,10 @@ use crate::domain::payload::{PING_EVENT, build_payload};
 
 /// Writes taken into one transaction at most.
 const MAX_BATCH: usize = 512;
+/// Bytes of event payloads taken into one transaction at most, besides the
+/// first write. A transaction's pages stay in the WAL until it commits, so
+/// this bounds the WAL when many large events arrive at once.
+const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 /// Deliveries requeued in one transaction by a recovery.
 const RECOVER_CHUNK: usize = 1000;
 /// Page cache of the writer and of each reader, in KiB (SQLite's negative `cache_size`).
@@ -36,12 +40,10 @@ const READER_CACHE_KIB: i64 = 2 * 1024;
 const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 /// The wait between two checkpoints run by the writer itself (see [`run_writer`]).
 const WRITER_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
-/// WAL frames after which the writer checkpoints sooner, so that the WAL
-/// starts over inside the part of the file already written (16 MiB of
-/// 4 KiB pages).
+/// WAL frames (16 MiB of 4 KiB pages) after which the WAL is copied back
+/// and started over sooner, so that it stays inside the part of the file
+/// already written (see [`run_writer`]).
 const WAL_RESTART_FRAMES: i32 = 4096;
-/// The shortest wait between two checkpoints that [`WAL_RESTART_FRAMES`] starts.
-const WRITER_CHECKPOINT_MIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 /// The size SQLite cuts the WAL file back to when it starts the WAL over.
 const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 /// The busy time after which the writer starts its next transaction while
@@ -61,6 +63,15 @@ const MIGRATIONS: &[&str] = &[
 type Completion = Box<dyn FnOnce(Result<(), String>) + Send>;
 type WriteOp = Box<dyn PendingWrite>;
 
+/// The writer's requests to the checkpoint thread, and the thread's report
+/// that it has checkpointed since the writer's last request.
+#[derive(Default)]
+struct CheckpointSignal {
+    requested: Mutex<bool>,
+    changed: std::sync::Condvar,
+    done: std::sync::atomic::AtomicBool,
+}
+
 /// A write waiting for the writer thread. It may run twice: when one write
 /// of a transaction fails, the transaction is rolled back and every write
 /// of it runs again, each in its own savepoint (see [`run_batch`]).
@@ -70,10 +81,13 @@ trait PendingWrite: Send {
     fn run(&mut self, connection: Option<&Connection>) -> bool;
     /// Hands over the completion, to call with the commit's outcome.
     fn into_completion(self: Box<Self>) -> Completion;
+    /// Payload bytes that the write stores, for [`MAX_BATCH_BYTES`].
+    fn bytes(&self) -> usize;
 }
 
 struct Write<T, F> {
     f: F,
+    bytes: usize,
     result: Option<StoreResult<T>>,
     sender: oneshot::Sender<StoreResult<T>>,
 }
@@ -98,18 +112,24 @@ where
     fn into_completion(self: Box<Self>) -> Completion {
         let Write { result, sender, .. } = *self;
         Box::new(move |commit| {
-            let outcome = match commit {
-                Ok(()) => result.unwrap_or_else(|| {
-                    Err(StoreError::Backend(anyhow::anyhow!(
-                        "the SQLite write did not run"
-                    )))
-                }),
-                Err(message) => Err(StoreError::Backend(anyhow::anyhow!(
+            let outcome = match (result, commit) {
+                // A failed write was undone, so its own error stands
+                // whatever became of the transaction.
+                (Some(Err(error)), _) => Err(error),
+                (Some(Ok(value)), Ok(())) => Ok(value),
+                (None, Ok(())) => Err(StoreError::Backend(anyhow::anyhow!(
+                    "the SQLite write did not run"
+                ))),
+                (_, Err(message)) => Err(StoreError::Backend(anyhow::anyhow!(
                     "SQLite commit failed: {message}"
                 ))),
             };
             let _ = sender.send(outcome);
         })
+    }
+
+    fn bytes(&self) -> usize {
+        self.bytes
     }
 }
 
@@ -234,6 +254,8 @@ impl SqliteStore {
 
         let (sender, receiver) = mpsc::channel::<WriteOp>();
         let (committed, to_sync) = mpsc::channel::<Committed>();
+        let signal = Arc::new(CheckpointSignal::default());
+        let checkpoint_signal = signal.clone();
         let progress = Arc::new(SyncProgress::default());
         let synced = progress.clone();
         std::thread::Builder::new()
@@ -241,7 +263,7 @@ impl SqliteStore {
             .spawn(move || run_syncer(wal, to_sync, &synced))?;
         std::thread::Builder::new()
             .name("sqlite-writer".to_owned())
-            .spawn(move || run_writer(writer, receiver, committed, &progress))?;
+            .spawn(move || run_writer(writer, receiver, committed, &progress, &signal))?;
         let inner = Arc::new(Inner {
             writer: sender,
             readers: Mutex::new(readers),
@@ -250,7 +272,7 @@ impl SqliteStore {
         let watched = Arc::downgrade(&inner);
         std::thread::Builder::new()
             .name("sqlite-checkpoint".to_owned())
-            .spawn(move || run_checkpoints(checkpointer, watched))?;
+            .spawn(move || run_checkpoints(checkpointer, watched, &checkpoint_signal))?;
         Ok(SqliteStore { inner })
     }
 
@@ -262,9 +284,20 @@ impl SqliteStore {
         T: Send + 'static,
         F: Fn(&Connection) -> StoreResult<T> + Send + 'static,
     {
+        self.write_sized(0, f).await
+    }
+
+    /// Runs `f` like [`SqliteStore::write`], for a write that stores about
+    /// `bytes` bytes of payload.
+    async fn write_sized<T, F>(&self, bytes: usize, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: Fn(&Connection) -> StoreResult<T> + Send + 'static,
+    {
         let (sender, receiver) = oneshot::channel::<StoreResult<T>>();
         let op: WriteOp = Box::new(Write {
             f,
+            bytes,
             result: None,
             sender,
         });
@@ -461,7 +494,9 @@ impl SqliteStore {
     }
 
     pub async fn accept_event(&self, event: NewEvent) -> StoreResult<AcceptedEvent> {
-        self.write(move |c| accept_event(c, &event)).await
+        let bytes = event.payload.as_ref().map_or(0, Vec::len);
+        self.write_sized(bytes, move |c| accept_event(c, &event))
+            .await
     }
 
     /// Finds due work on a reader, so the scan never holds up the writer,
@@ -909,12 +944,26 @@ fn webhook_exists(c: &Connection, business_id: Uuid, webhook_id: Uuid) -> StoreR
     Ok(found)
 }
 
-/// Copies the WAL back into the database file every interval, without
-/// blocking the writer, until the store is dropped.
-fn run_checkpoints(connection: Connection, store: std::sync::Weak<Inner>) {
+/// Copies the WAL back into the database file every interval, and at once
+/// when the writer requests it, without blocking the writer, until the
+/// store is dropped.
+fn run_checkpoints(
+    connection: Connection,
+    store: std::sync::Weak<Inner>,
+    signal: &CheckpointSignal,
+) {
     while store.strong_count() > 0 {
-        std::thread::sleep(CHECKPOINT_INTERVAL);
+        let requested = signal.requested.lock().expect("checkpoint signal lock");
+        let (mut requested, _) = signal
+            .changed
+            .wait_timeout_while(requested, CHECKPOINT_INTERVAL, |requested| !*requested)
+            .expect("checkpoint signal lock");
+        *requested = false;
+        drop(requested);
         checkpoint(&connection);
+        signal
+            .done
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -928,21 +977,28 @@ fn run_checkpoints(connection: Connection, store: std::sync::Weak<Inner>) {
 /// between two transactions, when no new frame can arrive. Little is left
 /// to copy by then, and the next commit starts the WAL from its beginning.
 /// It does so every [`WRITER_CHECKPOINT_INTERVAL`], and sooner once the WAL
-/// holds [`WAL_RESTART_FRAMES`]: under load the WAL then stays within
-/// blocks the file already has, which cost less to write than new ones.
+/// holds [`WAL_RESTART_FRAMES`]. Then the writer first asks the checkpoint
+/// thread to copy what it can, and checkpoints itself after that thread's
+/// next pass. Under load the WAL so stays within blocks the file already
+/// has, which cost less to write than new ones.
 fn run_writer(
     connection: Connection,
     receiver: mpsc::Receiver<WriteOp>,
     syncer: mpsc::Sender<Committed>,
     progress: &SyncProgress,
+    signal: &CheckpointSignal,
 ) {
     let mut last_checkpoint = std::time::Instant::now();
     let mut sent = 0u64;
     while let Ok(first) = receiver.recv() {
+        let mut bytes = first.bytes();
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
             match receiver.try_recv() {
-                Ok(op) => batch.push(op),
+                Ok(op) => {
+                    bytes += op.bytes();
+                    batch.push(op);
+                }
                 Err(_) => break,
             }
         }
@@ -965,10 +1021,18 @@ fn run_writer(
         if busy < OVERLAP_MIN_BUSY {
             progress.wait_for(sent);
         }
-        let since = last_checkpoint.elapsed();
-        if since >= WRITER_CHECKPOINT_INTERVAL
-            || (WAL_FRAMES.get() >= WAL_RESTART_FRAMES && since >= WRITER_CHECKPOINT_MIN_INTERVAL)
-        {
+        let mut restart = last_checkpoint.elapsed() >= WRITER_CHECKPOINT_INTERVAL;
+        if WAL_FRAMES.get() >= WAL_RESTART_FRAMES {
+            // The checkpoint thread copies the bulk. Once it has, the
+            // writer copies the rest, which starts the WAL over.
+            if signal.done.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                restart = true;
+            } else {
+                *signal.requested.lock().expect("checkpoint signal lock") = true;
+                signal.changed.notify_one();
+            }
+        }
+        if restart {
             checkpoint(&connection);
             last_checkpoint = std::time::Instant::now();
         }
@@ -1090,12 +1154,14 @@ fn run_batch(connection: &Connection, mut batch: Vec<WriteOp>) -> Committed {
         if result.is_ok() {
             for op in &mut batch {
                 run_in_savepoint(connection, op.as_mut());
+                // Some errors, such as a full disk, make SQLite roll back the
+                // whole transaction. The writes that ran are then undone, and
+                // the others must not run outside a transaction.
+                if connection.is_autocommit() {
+                    result = Err("SQLite rolled the transaction back".to_owned());
+                    break;
+                }
             }
-        }
-    }
-    if result.is_err() {
-        for op in &mut batch {
-            op.run(None);
         }
     }
     let committed = result.and_then(|()| {
@@ -1836,11 +1902,20 @@ mod tests {
         assert_eq!(store.next_due_at().await.expect("next due time"), Some(1));
     }
 
-    /// Builds a pending write that inserts one API key, counts its runs,
-    /// and fails after inserting when `fails` is set.
+    /// What a test write does after inserting its key.
+    #[derive(Clone, Copy)]
+    enum KeyWrite {
+        Succeeds,
+        Fails,
+        /// Rolls back the whole transaction and fails, as SQLite itself
+        /// does on some errors, such as a full disk.
+        EndsTransaction,
+    }
+
+    /// Builds a pending write that inserts one API key and counts its runs.
     fn key_write(
         key: &'static str,
-        fails: bool,
+        then: KeyWrite,
         runs: Arc<std::sync::atomic::AtomicUsize>,
     ) -> (WriteOp, oneshot::Receiver<StoreResult<()>>) {
         let (sender, receiver) = oneshot::channel();
@@ -1851,11 +1926,16 @@ mod tests {
                     "INSERT INTO api_keys (key_hash, business_id, created_at) VALUES (?1, 'b', 0)",
                     params![key],
                 )?;
-                if fails {
-                    return Err(StoreError::WebhookLimit(0));
+                match then {
+                    KeyWrite::Succeeds => Ok(()),
+                    KeyWrite::Fails => Err(StoreError::WebhookLimit(0)),
+                    KeyWrite::EndsTransaction => {
+                        c.execute_batch("ROLLBACK")?;
+                        Err(StoreError::WebhookLimit(0))
+                    }
                 }
-                Ok(())
             },
+            bytes: 0,
             result: None,
             sender,
         });
@@ -1867,12 +1947,12 @@ mod tests {
     /// batch's writes, and the stored keys.
     fn run_key_batch(
         c: &Connection,
-        writes: &[(&'static str, bool)],
+        writes: &[(&'static str, KeyWrite)],
     ) -> (Vec<bool>, usize, Vec<String>) {
         let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (batch, receivers): (Vec<_>, Vec<_>) = writes
             .iter()
-            .map(|&(key, fails)| key_write(key, fails, runs.clone()))
+            .map(|&(key, then)| key_write(key, then, runs.clone()))
             .unzip();
         let committed = run_batch(c, batch);
         for completion in committed.completions {
@@ -1908,16 +1988,41 @@ mod tests {
         let mut c = open_connection(path).expect("opening the file");
         migrate(&mut c, path).expect("migrating");
 
-        let (outcomes, runs, keys) = run_key_batch(&c, &[("a", false), ("b", false)]);
+        use KeyWrite::*;
+        let (outcomes, runs, keys) = run_key_batch(&c, &[("a", Succeeds), ("b", Succeeds)]);
         assert_eq!(outcomes, [true, true]);
         assert_eq!(runs, 2);
         assert_eq!(keys, ["a", "b"]);
 
-        let (outcomes, runs, keys) = run_key_batch(&c, &[("c", false), ("d", true), ("e", false)]);
+        let (outcomes, runs, keys) =
+            run_key_batch(&c, &[("c", Succeeds), ("d", Fails), ("e", Succeeds)]);
         assert_eq!(outcomes, [true, false, true]);
         // The first pass stops at the failed write; the second runs all three.
         assert_eq!(runs, 2 + 3);
         assert_eq!(keys, ["a", "b", "c", "e"]);
+        assert!(c.is_autocommit(), "no transaction is left open");
+    }
+
+    /// When SQLite rolls back the whole transaction during the second pass,
+    /// the writes that ran are undone, the rest do not run outside a
+    /// transaction, and every write reports a failure.
+    #[test]
+    fn ended_transaction_fails_whole_batch() {
+        let folder = tempfile::tempdir().expect("a temporary folder");
+        let path = folder.path().join("batch.db");
+        let path = path.to_str().expect("a UTF-8 path");
+        let mut c = open_connection(path).expect("opening the file");
+        migrate(&mut c, path).expect("migrating");
+
+        use KeyWrite::*;
+        let (outcomes, runs, keys) = run_key_batch(
+            &c,
+            &[("f", Succeeds), ("g", EndsTransaction), ("h", Succeeds)],
+        );
+        assert_eq!(outcomes, [false, false, false]);
+        // Two runs in the first pass, two in the second, which stops at "g".
+        assert_eq!(runs, 2 + 2);
+        assert!(keys.is_empty(), "no key is stored: {keys:?}");
         assert!(c.is_autocommit(), "no transaction is left open");
     }
 
