@@ -44,6 +44,11 @@ const WRITER_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::fro
 /// and started over sooner, so that it stays inside the part of the file
 /// already written (see [`run_writer`]).
 const WAL_RESTART_FRAMES: i32 = 4096;
+/// WAL frames (64 MiB, as [`WAL_SIZE_LIMIT`]) after which the writer copies
+/// the WAL back itself before its next transaction, without waiting for
+/// the checkpoint thread. This holds back writes that come faster than the
+/// checkpoint thread copies, such as many events near the size limit.
+const WAL_MAX_FRAMES: i32 = 16 * 1024;
 /// The size SQLite cuts the WAL file back to when it starts the WAL over.
 const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 /// The busy time after which the writer starts its next transaction while
@@ -1022,10 +1027,13 @@ fn run_writer(
             progress.wait_for(sent);
         }
         let mut restart = last_checkpoint.elapsed() >= WRITER_CHECKPOINT_INTERVAL;
-        if WAL_FRAMES.get() >= WAL_RESTART_FRAMES {
+        let frames = WAL_FRAMES.get();
+        if frames >= WAL_RESTART_FRAMES {
             // The checkpoint thread copies the bulk. Once it has, the
             // writer copies the rest, which starts the WAL over.
-            if signal.done.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            if signal.done.swap(false, std::sync::atomic::Ordering::AcqRel)
+                || frames >= WAL_MAX_FRAMES
+            {
                 restart = true;
             } else {
                 *signal.requested.lock().expect("checkpoint signal lock") = true;
