@@ -46,8 +46,8 @@ const WRITER_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::fro
 const WAL_RESTART_FRAMES: i32 = 4096;
 /// WAL frames (64 MiB, as [`WAL_SIZE_LIMIT`]) after which the writer copies
 /// the WAL back itself before its next transaction, without waiting for
-/// the checkpoint thread. This holds back writes that come faster than the
-/// checkpoint thread copies, such as many events near the size limit.
+/// the checkpoint thread. This slows down writes that arrive faster than
+/// the checkpoint thread copies, such as many events near the size limit.
 const WAL_MAX_FRAMES: i32 = 16 * 1024;
 /// The size SQLite cuts the WAL file back to when it starts the WAL over.
 const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
@@ -118,8 +118,8 @@ where
         let Write { result, sender, .. } = *self;
         Box::new(move |commit| {
             let outcome = match (result, commit) {
-                // A failed write was undone, so its own error stands
-                // whatever became of the transaction.
+                // A failed write was undone, so its own error is reported
+                // whatever the outcome of the transaction.
                 (Some(Err(error)), _) => Err(error),
                 (Some(Ok(value)), Ok(())) => Ok(value),
                 (None, Ok(())) => Err(StoreError::Backend(anyhow::anyhow!(
@@ -283,7 +283,7 @@ impl SqliteStore {
 
     /// Runs `f` inside the writer's next transaction and returns after commit.
     /// `f` may run twice (see [`PendingWrite`]), so it must not consume what
-    /// it captures; only the result of its last run counts.
+    /// it captures. Only the result of its last run counts.
     async fn write<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
@@ -982,7 +982,7 @@ fn run_checkpoints(
 /// between two transactions, when no new frame can arrive. Little is left
 /// to copy by then, and the next commit starts the WAL from its beginning.
 /// It does so every [`WRITER_CHECKPOINT_INTERVAL`], and sooner once the WAL
-/// holds [`WAL_RESTART_FRAMES`]. Then the writer first asks the checkpoint
+/// contains [`WAL_RESTART_FRAMES`]. Then the writer first asks the checkpoint
 /// thread to copy what it can, and checkpoints itself after that thread's
 /// next pass. Under load the WAL so stays within blocks the file already
 /// has, which cost less to write than new ones.
@@ -1910,7 +1910,7 @@ mod tests {
         assert_eq!(store.next_due_at().await.expect("next due time"), Some(1));
     }
 
-    /// What a test write does after inserting its key.
+    /// The outcome of a test write after it inserts its key.
     #[derive(Clone, Copy)]
     enum KeyWrite {
         Succeeds,
@@ -1948,6 +1948,17 @@ mod tests {
             sender,
         });
         (op, receiver)
+    }
+
+    /// Opens a connection to a new migrated file in a temporary folder,
+    /// which the caller keeps for as long as it uses the connection.
+    fn migrated_connection() -> (tempfile::TempDir, Connection) {
+        let folder = tempfile::tempdir().expect("a temporary folder");
+        let path = folder.path().join("batch.db");
+        let path = path.to_str().expect("a UTF-8 path");
+        let mut c = open_connection(path).expect("opening the file");
+        migrate(&mut c, path).expect("migrating");
+        (folder, c)
     }
 
     /// Runs a batch of key writes as the writer does, completes it as the
@@ -1990,11 +2001,7 @@ mod tests {
     /// the others commit.
     #[test]
     fn failed_write_is_undone_alone() {
-        let folder = tempfile::tempdir().expect("a temporary folder");
-        let path = folder.path().join("batch.db");
-        let path = path.to_str().expect("a UTF-8 path");
-        let mut c = open_connection(path).expect("opening the file");
-        migrate(&mut c, path).expect("migrating");
+        let (_folder, c) = migrated_connection();
 
         use KeyWrite::*;
         let (outcomes, runs, keys) = run_key_batch(&c, &[("a", Succeeds), ("b", Succeeds)]);
@@ -2016,11 +2023,7 @@ mod tests {
     /// transaction, and every write reports a failure.
     #[test]
     fn ended_transaction_fails_whole_batch() {
-        let folder = tempfile::tempdir().expect("a temporary folder");
-        let path = folder.path().join("batch.db");
-        let path = path.to_str().expect("a UTF-8 path");
-        let mut c = open_connection(path).expect("opening the file");
-        migrate(&mut c, path).expect("migrating");
+        let (_folder, c) = migrated_connection();
 
         use KeyWrite::*;
         let (outcomes, runs, keys) = run_key_batch(
