@@ -9,6 +9,7 @@
 //! its response is read.
 
 mod attempt;
+mod connections;
 mod poller;
 mod recorder;
 pub mod retry;

@@ -625,4 +625,13 @@ async fn delivery_url_read_as_registered() {
         request.path, "/hooks/%7Bx%7D|y/z/p%C3%A4th%60%3Cb%3E",
         "the path is sent percent-encoded, as the URL standard reads it"
     );
+    let authority = receiver
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches("/hooks");
+    assert_eq!(
+        request.header("host"),
+        authority,
+        "the Host header names the receiver's address and port"
+    );
 }

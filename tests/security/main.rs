@@ -13,6 +13,7 @@
 #[path = "../integration/sqlite_backend.rs"]
 mod backend;
 mod bodies;
+mod connections;
 mod deadlines;
 mod destinations;
 mod fairness;

@@ -44,6 +44,9 @@ pub enum Behaviour {
     /// in-flight count drops before the close, so the client can never
     /// start its next request before the count drops.
     HoldThenClose(Duration),
+    /// Sends `204` without closing, as if the connection could be reused,
+    /// then closes the connection after this long without reading more.
+    AnswerThenClose(Duration),
 }
 
 /// One request and the life of its connection.
@@ -191,6 +194,12 @@ async fn serve_connection(stream: TcpStream, behaviour: Behaviour, stats: Arc<St
         drop(reader);
         return;
     }
+    if let Behaviour::AnswerThenClose(after) = behaviour {
+        let _ = writer.write_all(b"HTTP/1.1 204 \r\n\r\n").await;
+        tokio::time::sleep(after).await;
+        stats.request_ended(index);
+        return;
+    }
     // The client closing its side ends every behaviour.
     let closed = wait_for_close(reader);
     tokio::pin!(closed);
@@ -207,7 +216,7 @@ async fn serve_connection(stream: TcpStream, behaviour: Behaviour, stats: Arc<St
 async fn respond(writer: &mut OwnedWriteHalf, behaviour: Behaviour, stats: &Stats) {
     let piece = vec![b'a'; PIECE];
     match behaviour {
-        Behaviour::Silent | Behaviour::HoldThenClose(_) => {}
+        Behaviour::Silent | Behaviour::HoldThenClose(_) | Behaviour::AnswerThenClose(_) => {}
         Behaviour::TrickleHead => {
             if writer
                 .write_all(b"HTTP/1.1 200 OK\r\nx-slow: ")
