@@ -4,7 +4,7 @@
 //! and its response each wake another task. Here the attempt's own task
 //! drives the connection while it waits for the response, and hands the
 //! connection back to an idle list when the response has been read. An idle
-//! connection is polled only when it is taken again, which is when a
+//! connection is polled again only when it is taken, which is when a
 //! connection that the receiver closed is found and dropped.
 
 use std::collections::{HashMap, VecDeque};
@@ -46,7 +46,7 @@ pub(super) struct Origin {
 }
 
 impl Origin {
-    /// The origin of an absolute URI, or `None` for a relative one.
+    /// Returns the origin of an absolute URI, or `None` for a relative one.
     pub fn of(uri: &Uri) -> Option<Origin> {
         Some(Origin {
             scheme: uri.scheme()?.clone(),
@@ -94,7 +94,7 @@ impl Link {
         }
     }
 
-    /// Polls the connection once, outside any task, and tells whether it
+    /// Polls the connection once, outside any task, and returns whether it
     /// can take a request now. The poll reads an end of stream that the
     /// receiver sent, and moves a finished exchange to the idle state.
     fn ready(&mut self) -> bool {

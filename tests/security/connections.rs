@@ -72,11 +72,11 @@ async fn deliveries_after_receiver_closes(close_after: Duration, gap: Duration) 
 }
 
 #[tokio::test]
-async fn connection_closed_after_idle_time_is_not_reused() {
+async fn idle_closed_connection_not_reused() {
     deliveries_after_receiver_closes(Duration::from_millis(50), Duration::from_millis(200)).await;
 }
 
 #[tokio::test]
-async fn connection_closed_right_after_response_is_not_reused() {
+async fn connection_closed_on_response_not_reused() {
     deliveries_after_receiver_closes(Duration::ZERO, Duration::from_millis(50)).await;
 }
