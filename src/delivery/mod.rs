@@ -9,7 +9,6 @@
 //! its response is read.
 
 mod attempt;
-mod connections;
 mod poller;
 mod recorder;
 pub mod retry;

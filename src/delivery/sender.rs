@@ -11,18 +11,21 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
+use bytes::Bytes;
 use http::header::{
-    ACCEPT, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT,
+    ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT,
 };
 use http::{Method, Request, Uri};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use url::Url;
 
-use super::connections::{Connections, Origin};
 use super::retry::parse_retry_after;
 use crate::domain::destination::{DestinationPolicy, check_address, check_host};
 use crate::domain::signature::{sign_body, sign_standard};
@@ -127,10 +130,12 @@ impl tower_service::Service<Name> for CheckedResolver {
     }
 }
 
+type HttpClient = Client<HttpsConnector<HttpConnector<CheckedResolver>>, Full<Bytes>>;
+
 /// Sends delivery attempts over a shared pool of keep-alive connections.
 #[derive(Clone)]
 pub struct Sender {
-    connections: Arc<Connections>,
+    client: HttpClient,
     policy: DestinationPolicy,
     timeout: Duration,
     /// Decrypts stored secrets, when they are stored encrypted.
@@ -177,8 +182,13 @@ impl Sender {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(max_in_flight.max(1))
+            .build(https);
         Ok(Sender {
-            connections: Connections::new(https, max_in_flight),
+            client,
             policy,
             timeout,
             cipher: None,
@@ -273,39 +283,13 @@ impl Sender {
         secret: &str,
         deadline: tokio::time::Instant,
     ) -> AttemptOutcome {
-        let Some(origin) = Origin::of(&uri) else {
-            return failure(ErrorKind::Connect);
-        };
         let mut request = Request::new(Full::new(job.payload.clone()));
         *request.method_mut() = Method::POST;
-        *request.uri_mut() = origin_form(&uri);
+        *request.uri_mut() = uri;
         *request.headers_mut() = delivery_headers(job, secret);
-        request.headers_mut().insert(HOST, host_header(&uri));
-        let exchange = async {
-            let mut link = match self.connections.take(&origin) {
-                Some(link) => link,
-                None => self.connections.connect(&uri).await?,
-            };
-            loop {
-                let sent = link.sender().try_send_request(request);
-                match link.drive(sent).await {
-                    Ok(response) => return Ok((link, response)),
-                    // A reused connection can close just before the request
-                    // goes out; a request that was not written is sent again
-                    // on a new connection.
-                    Err(mut error) => match error.take_message() {
-                        Some(unsent) if link.reused() => {
-                            request = unsent;
-                            link = self.connections.connect(&uri).await?;
-                        }
-                        _ => return Err(BoxError::from(error.into_error())),
-                    },
-                }
-            }
-        };
-        let (mut link, response) = match tokio::time::timeout_at(deadline, exchange).await {
-            Ok(Ok(exchange)) => exchange,
-            Ok(Err(error)) => return failure(classify(error.as_ref())),
+        let response = match tokio::time::timeout_at(deadline, self.client.request(request)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => return failure(classify(&error)),
             Err(_) => return failure(ErrorKind::Timeout),
         };
         let status = response.status().as_u16();
@@ -318,9 +302,8 @@ impl Sender {
         let mut body = response.into_body();
         let mut kept = Vec::new();
         let mut read = 0usize;
-        let mut ended = false;
         while read < MAX_RESPONSE_READ {
-            match tokio::time::timeout_at(deadline, link.drive(body.frame())).await {
+            match tokio::time::timeout_at(deadline, body.frame()).await {
                 Ok(Some(Ok(frame))) => {
                     let Ok(chunk) = frame.into_data() else {
                         continue;
@@ -329,19 +312,10 @@ impl Sender {
                     let room = MAX_RESPONSE_STORED.saturating_sub(kept.len());
                     kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
                 }
-                Ok(None) => {
-                    ended = true;
-                    break;
-                }
                 // The status line alone decides the outcome; a body that ends
                 // badly or late is only cut short.
-                Ok(Some(Err(_))) | Err(_) => break,
+                Ok(None) | Ok(Some(Err(_))) | Err(_) => break,
             }
-        }
-        // Only a connection whose response was read to its end can carry
-        // another request; any other is closed here.
-        if ended {
-            self.connections.put(origin, link);
         }
         let success = (200..300).contains(&status);
         AttemptOutcome {
@@ -391,30 +365,6 @@ fn failure(kind: ErrorKind) -> AttemptOutcome {
     }
 }
 
-/// The request target of `uri` in origin form: its path and query.
-fn origin_form(uri: &Uri) -> Uri {
-    match uri.path_and_query() {
-        Some(path) if path.as_str() != "/" => Uri::from(path.clone()),
-        _ => Uri::from_static("/"),
-    }
-}
-
-/// The `Host` header of `uri`: its host, and its port unless the port is
-/// the scheme's default.
-fn host_header(uri: &Uri) -> HeaderValue {
-    let host = uri.host().unwrap_or_default();
-    let default_port = match uri.scheme_str() {
-        Some("https") => Some(443),
-        Some("http") => Some(80),
-        _ => None,
-    };
-    let value = match uri.port_u16() {
-        Some(port) if Some(port) != default_port => format!("{host}:{port}"),
-        _ => host.to_owned(),
-    };
-    HeaderValue::try_from(value).unwrap_or_else(|_| HeaderValue::from_static(""))
-}
-
 /// Builds the documented headers of one attempt, signed at send time with
 /// the webhook's plain-text secret.
 pub fn delivery_headers(job: &Job, secret: &str) -> HeaderMap {
@@ -448,10 +398,9 @@ pub fn delivery_headers(job: &Job, secret: &str) -> HeaderMap {
     headers
 }
 
-/// Maps a connection or request error to the error kind recorded with the
-/// attempt.
-fn classify(error: &(dyn StdError + 'static)) -> ErrorKind {
-    let mut source: Option<&(dyn StdError + 'static)> = Some(error);
+/// Maps a client error to the error kind recorded with the attempt.
+fn classify(error: &hyper_util::client::legacy::Error) -> ErrorKind {
+    let mut source: Option<&(dyn StdError + 'static)> = error.source();
     while let Some(cause) = source {
         if cause.is::<DestinationBlocked>() {
             return ErrorKind::DestinationNotAllowed;
@@ -482,36 +431,4 @@ fn classify(error: &(dyn StdError + 'static)) -> ErrorKind {
         source = cause.source();
     }
     ErrorKind::Connect
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn request_target_keeps_path_and_query() {
-        let uri = Uri::from_static("https://example.com:8443/hooks/a?x=1&y=%20");
-        assert_eq!(origin_form(&uri), "/hooks/a?x=1&y=%20");
-        assert_eq!(origin_form(&Uri::from_static("http://example.com")), "/");
-        assert_eq!(
-            origin_form(&Uri::from_static("http://example.com/?q")),
-            "/?q"
-        );
-    }
-
-    #[test]
-    fn host_header_names_only_a_port_that_is_not_the_default() {
-        let cases = [
-            ("https://example.com/hooks", "example.com"),
-            ("https://example.com:443/hooks", "example.com"),
-            ("https://example.com:80/hooks", "example.com:80"),
-            ("http://example.com:80/hooks", "example.com"),
-            ("http://127.0.0.1:8080/hooks", "127.0.0.1:8080"),
-            ("http://[::1]:9000/hooks", "[::1]:9000"),
-        ];
-        for (url, expected) in cases {
-            let uri = Uri::try_from(url).expect("a valid test URI");
-            assert_eq!(host_header(&uri), expected, "Host of {url}");
-        }
-    }
 }
