@@ -20,12 +20,14 @@ use tokio_postgres::{AsyncMessage, Config, NoTls, Row};
 use uuid::Uuid;
 
 use self::accept::AcceptQueue;
+use self::pipeline::PipelinedTransaction;
 use super::model::*;
 use super::{StoreError, StoreResult, redact_url};
 use crate::domain::clock::now_micros;
 use crate::domain::payload::PING_EVENT;
 
 mod accept;
+mod pipeline;
 
 /// The channel that announces deliveries due now which no process holds.
 pub const DUE_CHANNEL: &str = "citapro_due";
@@ -244,6 +246,27 @@ async fn query_one(client: &impl GenericClient, sql: &str, params: Params<'_>) -
 /// Queues the notification of `$2` on channel `$1`. PostgreSQL sends it when
 /// the transaction commits.
 const NOTIFY: &str = "SELECT pg_notify($1, $2)";
+
+/// Locks the deliveries of a batch of attempts. Locking in id order keeps
+/// two batches from deadlocking.
+const LOCK_DELIVERIES: &str = "SELECT id, status, due_at, attempt_count, auto_attempts,
+        leased_by, next_attempt_at
+     FROM deliveries WHERE id = ANY($1) ORDER BY id FOR UPDATE";
+
+const INSERT_ATTEMPTS: &str = "INSERT INTO attempts (delivery_id, number, trigger, started_at,
+        duration_ms, status_code, error_kind, response_body)
+     SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[],
+        $6::int[], $7::text[], $8::text[])";
+
+const UPDATE_DELIVERIES: &str = "UPDATE deliveries d SET attempt_count = u.attempt_count,
+        auto_attempts = u.auto_attempts, last_attempt_at = u.last_attempt_at,
+        last_status_code = u.last_status_code, status = u.status, due_at = u.due_at,
+        next_attempt_at = u.next_attempt_at, leased_by = u.leased_by
+     FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::int[],
+        $6::text[], $7::bigint[], $8::bigint[], $9::text[])
+        AS u(id, attempt_count, auto_attempts, last_attempt_at, last_status_code,
+             status, due_at, next_attempt_at, leased_by)
+     WHERE d.id = u.id";
 
 /// Queues a notification that is sent when the transaction commits.
 async fn notify(client: &impl GenericClient, channel: &str, payload: &str) -> StoreResult<()> {
@@ -660,8 +683,13 @@ impl PostgresStore {
         if attempts.is_empty() {
             return Ok(());
         }
-        let mut client = self.client().await?;
-        let transaction = client.transaction().await?;
+        let client = self.client().await?;
+        let (lock, insert, update) = tokio::try_join!(
+            client.prepare_cached(LOCK_DELIVERIES),
+            client.prepare_cached(INSERT_ATTEMPTS),
+            client.prepare_cached(UPDATE_DELIVERIES),
+        )?;
+        let transaction = PipelinedTransaction::new(client);
         // The best plan for these statements depends on the batch's size and
         // the table's. A generic plan cached while `deliveries` was nearly
         // empty joins by scanning the whole table, and it stays cached on
@@ -671,20 +699,24 @@ impl PostgresStore {
         ids.sort_unstable();
         ids.dedup();
         let lock_params: Params = &[&ids];
-        let (custom_plans, rows) = tokio::join!(
+        let (begun, custom_plans, rows) = tokio::join!(
             biased;
-            transaction.batch_execute("SET LOCAL plan_cache_mode = force_custom_plan"),
-            // Locking in id order keeps two batches from deadlocking.
-            query(
-                &transaction,
-                "SELECT id, status, due_at, attempt_count, auto_attempts, leased_by,
-                    next_attempt_at
-                 FROM deliveries WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-                lock_params,
-            ),
+            transaction.begin(),
+            transaction
+                .client()
+                .batch_execute("SET LOCAL plan_cache_mode = force_custom_plan"),
+            transaction.client().query(&lock, lock_params),
         );
-        custom_plans?;
-        let rows = rows?;
+        let rows = match begun
+            .and(custom_plans.map_err(StoreError::from))
+            .and(rows.map_err(StoreError::from))
+        {
+            Ok(rows) => rows,
+            Err(error) => {
+                transaction.rollback().await;
+                return Err(error);
+            }
+        };
         let mut states: HashMap<String, (DeliveryState, i64, Option<i32>)> = HashMap::new();
         for row in &rows {
             let state = DeliveryState {
@@ -710,55 +742,44 @@ impl PostgresStore {
             *last_status_code = attempt.status_code.map(i32::from);
             rows.push(id, state.attempt_count, attempt);
         }
-        execute(
-            &transaction,
-            "INSERT INTO attempts (delivery_id, number, trigger, started_at, duration_ms,
-                status_code, error_kind, response_body)
-             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bigint[],
-                $5::bigint[], $6::int[], $7::text[], $8::text[])",
-            &[
-                &rows.delivery_ids,
-                &rows.numbers,
-                &rows.triggers,
-                &rows.started_at,
-                &rows.duration_ms,
-                &rows.status_codes,
-                &rows.error_kinds,
-                &rows.response_bodies,
-            ],
-        )
-        .await?;
-
-        let mut update = DeliveryRows::default();
+        let mut update_rows = DeliveryRows::default();
         for (id, (state, last_attempt_at, last_status_code)) in states {
-            update.push(id, state, last_attempt_at, last_status_code);
+            update_rows.push(id, state, last_attempt_at, last_status_code);
         }
-        execute(
-            &transaction,
-            "UPDATE deliveries d SET attempt_count = u.attempt_count,
-                auto_attempts = u.auto_attempts, last_attempt_at = u.last_attempt_at,
-                last_status_code = u.last_status_code, status = u.status, due_at = u.due_at,
-                next_attempt_at = u.next_attempt_at, leased_by = u.leased_by
-             FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::int[],
-                $6::text[], $7::bigint[], $8::bigint[], $9::text[])
-                AS u(id, attempt_count, auto_attempts, last_attempt_at, last_status_code,
-                     status, due_at, next_attempt_at, leased_by)
-             WHERE d.id = u.id",
-            &[
-                &update.ids,
-                &update.attempt_counts,
-                &update.auto_attempts,
-                &update.last_attempt_at,
-                &update.last_status_codes,
-                &update.statuses,
-                &update.due_at,
-                &update.next_attempt_at,
-                &update.leased_by,
-            ],
-        )
-        .await?;
-        transaction.commit().await?;
-        Ok(())
+        let client = transaction.client();
+        let insert_params: Params = &[
+            &rows.delivery_ids,
+            &rows.numbers,
+            &rows.triggers,
+            &rows.started_at,
+            &rows.duration_ms,
+            &rows.status_codes,
+            &rows.error_kinds,
+            &rows.response_bodies,
+        ];
+        let update_params: Params = &[
+            &update_rows.ids,
+            &update_rows.attempt_counts,
+            &update_rows.auto_attempts,
+            &update_rows.last_attempt_at,
+            &update_rows.last_status_codes,
+            &update_rows.statuses,
+            &update_rows.due_at,
+            &update_rows.next_attempt_at,
+            &update_rows.leased_by,
+        ];
+        transaction
+            .commit_after(async {
+                let (inserted, updated) = tokio::join!(
+                    biased;
+                    client.execute(&insert, insert_params),
+                    client.execute(&update, update_params),
+                );
+                inserted?;
+                updated?;
+                Ok(())
+            })
+            .await
     }
 
     pub async fn record_attempt(&self, attempt: AttemptRecord) -> StoreResult<()> {

@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::support::TestSchema;
+use crate::support::{TestSchema, wait_for};
 
 async fn open(schema: &TestSchema) -> Store {
     Store::open(&schema.url)
@@ -1491,4 +1491,95 @@ async fn listener_reconnects_after_connection_loss() {
         "due after reconnect",
     )
     .await;
+}
+
+/// A batch of attempts given up while its transaction is open, here while
+/// it waits for a row lock, must leave no transaction open on a pooled
+/// connection: such a connection would hold the lock, and the next user of
+/// the pool would run its statements inside the abandoned transaction.
+#[tokio::test]
+async fn abandoned_attempt_batch_leaves_no_open_transaction() {
+    let Some(schema) =
+        TestSchema::create("abandoned_attempt_batch_leaves_no_open_transaction").await
+    else {
+        return;
+    };
+    let store = open(&schema).await;
+    let business = Uuid::new_v4();
+    add_webhook(&store, business, &["booking.created"], true).await;
+    store
+        .accept_event(EventSpec::created(business).build())
+        .await
+        .expect("accepting");
+    let now = now_micros();
+    let jobs = store
+        .claim_due(claim("worker-a", now, now + 60_000_000, 10))
+        .await
+        .expect("claiming");
+    let [job] = jobs.as_slice() else {
+        panic!("expected one job, got {}", jobs.len());
+    };
+    let delivery_id = job.delivery_id.to_string();
+
+    let holder = schema.client().await;
+    holder.batch_execute("BEGIN").await.expect("BEGIN");
+    holder
+        .query_one(
+            "SELECT id FROM deliveries WHERE id = $1 FOR UPDATE",
+            &[&delivery_id],
+        )
+        .await
+        .expect("locking the delivery");
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(300),
+        store.record_attempts(vec![succeeded_attempt(job, "worker-a")]),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the batch waits for the row lock");
+    holder.batch_execute("COMMIT").await.expect("COMMIT");
+
+    // The abandoned batch's connection ends, and its lock with it.
+    let checker = schema.client().await;
+    wait_for("the delivery's row lock to be free", || async {
+        checker.batch_execute("BEGIN").await.expect("BEGIN");
+        let locked = checker
+            .query_opt(
+                "SELECT id FROM deliveries WHERE id = $1 FOR UPDATE NOWAIT",
+                &[&delivery_id],
+            )
+            .await
+            .is_err();
+        checker.batch_execute("ROLLBACK").await.expect("ROLLBACK");
+        (!locked).then_some(())
+    })
+    .await;
+    let open_transactions: i64 = checker
+        .query_one(
+            "SELECT COUNT(*) FROM pg_stat_activity
+             WHERE application_name = $1 AND state LIKE 'idle in transaction%'",
+            &[&schema.name],
+        )
+        .await
+        .expect("reading pg_stat_activity")
+        .get(0);
+    assert_eq!(
+        open_transactions, 0,
+        "no connection of the store is left in a transaction"
+    );
+    assert_eq!(
+        count_rows(&schema, "attempts").await,
+        0,
+        "nothing of the batch is stored"
+    );
+
+    store
+        .record_attempts(vec![succeeded_attempt(job, "worker-a")])
+        .await
+        .expect("recording the attempt again");
+    let (status, due_at, leased_by) = schedule(&schema, job.delivery_id).await;
+    assert_eq!(
+        (status.as_str(), due_at, leased_by),
+        ("succeeded", None, None)
+    );
+    assert_eq!(count_rows(&schema, "attempts").await, 1);
 }
