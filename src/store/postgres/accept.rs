@@ -32,15 +32,18 @@ use crate::store::{AcceptedEvent, Job, NewEvent, StoreError, StoreResult, Trigge
 /// Events written in one transaction at most.
 const MAX_BATCH_EVENTS: usize = 256;
 
-/// Events that a batch waits for while another batch is being written, for
-/// at most [`GATHER_WAIT`]. Without the wait, the first event that arrives
-/// after a commit makes a batch of its own, which costs the database
-/// almost as much as a full one. In the benchmark, callers whose batch had
-/// committed sent their next events within about a millisecond.
+/// The most events that a batch waits for while another batch is being
+/// written. It waits for as many as recent batches had, up to this number,
+/// for at most [`GATHER_WAIT`]. Without the wait, under load, the
+/// first event that arrives after a commit makes a batch of its own, which
+/// costs the database almost as much as a full one. In the benchmark,
+/// callers whose batch had committed sent their next events within about a
+/// millisecond. At a low rate batches have one or two events, so they
+/// hardly wait.
 const GATHER_EVENTS: usize = 16;
 
-/// The maximum wait for [`GATHER_EVENTS`] events. A batch that starts while
-/// no other one is being written does not wait.
+/// The maximum wait for more events. A batch that starts while no other one
+/// is being written does not wait.
 const GATHER_WAIT: Duration = Duration::from_millis(1);
 
 /// Locks the stored states of the batch's aggregates in the order of the
@@ -131,6 +134,10 @@ fn writer_stopped() -> StoreError {
 async fn run(pool: Pool, mut receiver: mpsc::UnboundedReceiver<PendingEvent>, max_batches: usize) {
     let permits = Arc::new(Semaphore::new(max_batches));
     let mut pending = Vec::new();
+    // The size of recent batches: the last one's, or three quarters of the
+    // estimate before it if that is larger, so one small batch under load
+    // does not make the next ones small too.
+    let mut recent_size = 0;
     loop {
         // Taking the permit before the events lets events queue up while
         // every batch is busy, so the next batch takes all of them.
@@ -142,8 +149,9 @@ async fn run(pool: Pool, mut receiver: mpsc::UnboundedReceiver<PendingEvent>, ma
         }
         let others_writing = max_batches - permits.available_permits() > 1;
         if others_writing {
-            gather(&mut receiver, &mut pending).await;
+            gather(&mut receiver, &mut pending, recent_size.min(GATHER_EVENTS)).await;
         }
+        recent_size = pending.len().max(recent_size * 3 / 4);
         let batch = std::mem::take(&mut pending);
         let pool = pool.clone();
         tokio::spawn(async move {
@@ -153,14 +161,15 @@ async fn run(pool: Pool, mut receiver: mpsc::UnboundedReceiver<PendingEvent>, ma
     }
 }
 
-/// Adds events to a batch until it has [`GATHER_EVENTS`] or
-/// [`GATHER_WAIT`] has passed.
+/// Adds events to a batch until it has `wanted` events or [`GATHER_WAIT`]
+/// has passed.
 async fn gather(
     receiver: &mut mpsc::UnboundedReceiver<PendingEvent>,
     batch: &mut Vec<PendingEvent>,
+    wanted: usize,
 ) {
     let deadline = Instant::now() + GATHER_WAIT;
-    while batch.len() < GATHER_EVENTS {
+    while batch.len() < wanted {
         let room = MAX_BATCH_EVENTS - batch.len();
         match time::timeout_at(deadline, receiver.recv_many(batch, room)).await {
             Ok(0) | Err(_) => break,
