@@ -109,6 +109,23 @@ fn claim(owner: &str, now: i64, lease_until: i64, limit: usize) -> Claim {
     }
 }
 
+/// Accepts a `booking.created` event for the business's one webhook and
+/// claims its delivery for `worker-a`, leased for a minute. Returns the job
+/// and the time of the claim.
+async fn accept_and_claim(store: &Store, business: Uuid) -> (Job, i64) {
+    store
+        .accept_event(EventSpec::created(business).build())
+        .await
+        .expect("accepting");
+    let now = now_micros();
+    let mut jobs = store
+        .claim_due(claim("worker-a", now, now + 60_000_000, 10))
+        .await
+        .expect("claiming");
+    assert_eq!(jobs.len(), 1, "one due delivery");
+    (jobs.pop().expect("one due delivery"), now)
+}
+
 fn failed_attempt(job: &Job, owner: &str, retry_at: Option<i64>) -> AttemptRecord {
     AttemptRecord {
         delivery_id: job.delivery_id,
@@ -723,17 +740,7 @@ async fn record_attempt_moves_the_schedule() {
     let store = open(&schema).await;
     let business = Uuid::new_v4();
     let webhook = add_webhook(&store, business, &["booking.created"], true).await;
-    store
-        .accept_event(EventSpec::created(business).build())
-        .await
-        .expect("accepting");
-    let now = now_micros();
-    let job = store
-        .claim_due(claim("worker-a", now, now + 60_000_000, 1))
-        .await
-        .expect("claiming")
-        .pop()
-        .expect("one due delivery");
+    let (job, now) = accept_and_claim(&store, business).await;
 
     let retry_at = now + 10_000_000;
     store
@@ -818,17 +825,7 @@ async fn leases_renew_and_release() {
     let store = open(&schema).await;
     let business = Uuid::new_v4();
     add_webhook(&store, business, &["booking.created"], true).await;
-    store
-        .accept_event(EventSpec::created(business).build())
-        .await
-        .expect("accepting");
-    let now = now_micros();
-    let job = store
-        .claim_due(claim("worker-a", now, now + 60_000_000, 1))
-        .await
-        .expect("claiming")
-        .pop()
-        .expect("one due delivery");
+    let (job, now) = accept_and_claim(&store, business).await;
 
     let renewed = store
         .renew_lease(job.key(), "worker-a".to_owned(), now + 120_000_000)
@@ -1507,18 +1504,7 @@ async fn abandoned_attempt_batch_leaves_no_open_transaction() {
     let store = open(&schema).await;
     let business = Uuid::new_v4();
     add_webhook(&store, business, &["booking.created"], true).await;
-    store
-        .accept_event(EventSpec::created(business).build())
-        .await
-        .expect("accepting");
-    let now = now_micros();
-    let jobs = store
-        .claim_due(claim("worker-a", now, now + 60_000_000, 10))
-        .await
-        .expect("claiming");
-    let [job] = jobs.as_slice() else {
-        panic!("expected one job, got {}", jobs.len());
-    };
+    let (job, _) = &accept_and_claim(&store, business).await;
     let delivery_id = job.delivery_id.to_string();
 
     let holder = schema.client().await;
