@@ -323,9 +323,21 @@ impl Sender {
             duration_ms: 0,
             status_code: Some(status),
             error_kind: (!success).then_some(ErrorKind::HttpStatus),
-            response_body: Some(String::from_utf8_lossy(&kept).into_owned()),
+            response_body: Some(response_text(&kept)),
             retry_after: if status == 429 { retry_after } else { None },
         }
+    }
+}
+
+/// Converts the kept start of a response body to the text that is stored.
+/// Invalid UTF-8 and NUL characters become U+FFFD, because a PostgreSQL
+/// `TEXT` value cannot contain NUL.
+fn response_text(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text.into_owned()
     }
 }
 

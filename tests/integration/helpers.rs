@@ -593,6 +593,11 @@ pub enum Reply {
         status: u16,
         delay: Duration,
     },
+    /// A status with a body of raw bytes.
+    Body {
+        status: u16,
+        body: &'static [u8],
+    },
 }
 
 /// A request as a [`TestReceiver`] received it.
@@ -800,6 +805,7 @@ async fn record_request(
             tokio::time::sleep(delay).await;
             status_code(status).into_response()
         }
+        Reply::Body { status, body } => (status_code(status), body).into_response(),
     }
 }
 

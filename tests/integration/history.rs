@@ -257,6 +257,33 @@ async fn delivery_shows_payload_and_attempts() {
     assert!(attempt["responseBody"].is_string());
 }
 
+/// PostgreSQL text cannot contain NUL, and a response body with one must
+/// still be stored, as text like any other.
+#[tokio::test]
+async fn response_body_nul_is_replaced() {
+    let reply = Reply::Body {
+        status: 200,
+        body: b"ok\0nul\xff",
+    };
+    let (service, business, receiver, webhook) = setup(reply).await;
+    send_events(&service, &business, 1).await;
+    receiver.wait_for_requests(1).await;
+    let page = wait_until_settled(&service, &business, &webhook.id).await;
+    assert_eq!(page["data"][0]["status"], "succeeded");
+    let id = page["data"][0]["id"].as_str().unwrap().to_owned();
+
+    let response = service
+        .get(
+            &format!("/v1/webhooks/{}/deliveries/{id}", webhook.id),
+            &business,
+        )
+        .await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    let attempts = response.json()["attempts"].clone();
+    assert_eq!(attempts.as_array().unwrap().len(), 1);
+    assert_eq!(attempts[0]["responseBody"], "ok\u{FFFD}nul\u{FFFD}");
+}
+
 #[tokio::test]
 async fn redelivery_turns_failed_into_succeeded() {
     let (service, business, receiver, webhook) = setup(Reply::Status(500)).await;
