@@ -1,11 +1,13 @@
 //! Batched recording of automatic attempts.
 //!
 //! Attempts that finish while a batch is being written wait and go into the
-//! next one, so a busy worker writes many attempts per transaction. Once a
-//! batch is stored, the scheduler drops those deliveries from its held set, and the poller
+//! next one, so a busy worker writes many attempts per transaction. A batch
+//! that fails is tried again one attempt at a time. Once a batch is stored,
+//! the scheduler drops those deliveries from its held set, and the poller
 //! is woken when a retry was scheduled.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
 use uuid::Uuid;
@@ -15,6 +17,13 @@ use crate::store::{AttemptRecord, Store};
 
 /// Attempts written in one transaction at most.
 const MAX_BATCH: usize = 500;
+
+/// Tries to record an attempt, the batch's included, before giving up.
+const RECORD_TRIES: u32 = 6;
+
+/// The wait before the second try, doubled before each further one. The
+/// five waits add up to 3.1 s.
+const RECORD_RETRY_WAIT: Duration = Duration::from_millis(100);
 
 /// Sends finished attempts to the recorder.
 #[derive(Clone)]
@@ -54,16 +63,54 @@ async fn run(
     while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let delivery_ids: Vec<Uuid> = batch.iter().map(|attempt| attempt.delivery_id).collect();
         let retry_scheduled = batch.iter().any(|attempt| attempt.retry_at.is_some());
-        match store.record_attempts(std::mem::take(&mut batch)).await {
-            Ok(()) if retry_scheduled => wake.notify_one(),
-            Ok(()) => {}
-            // The leases run out and the deliveries are attempted again.
-            Err(error) => tracing::error!(
-                %error,
-                count = delivery_ids.len(),
-                "recording attempts failed"
-            ),
+        record(&store, std::mem::take(&mut batch)).await;
+        if retry_scheduled {
+            wake.notify_one();
         }
         let _ = commands.send(Command::Recorded(delivery_ids));
+    }
+}
+
+/// Records a batch. When that fails, each attempt is recorded on its own,
+/// so an attempt that the store rejects cannot hold back the others. An
+/// attempt is tried up to [`RECORD_TRIES`] times in all, with a growing
+/// wait, and skipped once it is found stored: the failed write's commit
+/// may have succeeded before its connection was lost.
+async fn record(store: &Store, attempts: Vec<AttemptRecord>) {
+    let Err(error) = store.record_attempts(attempts.clone()).await else {
+        return;
+    };
+    tracing::warn!(
+        %error,
+        count = attempts.len(),
+        "recording attempts failed; recording them one at a time"
+    );
+    for attempt in attempts {
+        record_alone(store, attempt).await;
+    }
+}
+
+async fn record_alone(store: &Store, attempt: AttemptRecord) {
+    let mut wait = RECORD_RETRY_WAIT;
+    for tries in 2..=RECORD_TRIES {
+        tokio::time::sleep(wait).await;
+        wait *= 2;
+        let outcome = match store.unrecorded(vec![attempt.clone()]).await {
+            Ok(unrecorded) if unrecorded.is_empty() => return,
+            Ok(_) => store.record_attempts(vec![attempt.clone()]).await,
+            Err(error) => Err(error),
+        };
+        let Err(error) = outcome else {
+            return;
+        };
+        if tries == RECORD_TRIES {
+            // The lease runs out and the delivery is attempted again.
+            tracing::error!(
+                %error,
+                delivery.id = %attempt.delivery_id,
+                tries,
+                "recording an attempt failed; giving up"
+            );
+        }
     }
 }

@@ -201,6 +201,16 @@ impl Store {
         dispatch!(self, "record_attempts", s => s.record_attempts(attempts).await)
     }
 
+    /// Returns the attempts of which no attempt with the same delivery and
+    /// start time is stored, in their order. A write whose outcome was lost,
+    /// such as a commit cut off with its connection, may have stored them.
+    pub async fn unrecorded(
+        &self,
+        attempts: Vec<AttemptRecord>,
+    ) -> StoreResult<Vec<AttemptRecord>> {
+        dispatch!(self, "unrecorded", s => s.unrecorded(attempts).await)
+    }
+
     /// Records one attempt and moves its delivery to its next state.
     pub async fn record_attempt(&self, attempt: AttemptRecord) -> StoreResult<()> {
         dispatch!(self, "record_attempt", s => s.record_attempt(attempt).await)

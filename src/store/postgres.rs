@@ -782,6 +782,30 @@ impl PostgresStore {
             .await
     }
 
+    pub async fn unrecorded(
+        &self,
+        attempts: Vec<AttemptRecord>,
+    ) -> StoreResult<Vec<AttemptRecord>> {
+        let ids: Vec<String> = attempts.iter().map(|a| a.delivery_id.to_string()).collect();
+        let client = self.client().await?;
+        let rows = query(
+            &client,
+            "SELECT delivery_id, started_at FROM attempts WHERE delivery_id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+        let mut stored = std::collections::HashSet::new();
+        for row in &rows {
+            stored.insert((row.try_get::<_, String>(0)?, row.try_get::<_, i64>(1)?));
+        }
+        Ok(attempts
+            .into_iter()
+            .zip(ids)
+            .filter(|(attempt, id)| !stored.contains(&(id.clone(), attempt.started_at)))
+            .map(|(attempt, _)| attempt)
+            .collect())
+    }
+
     pub async fn record_attempt(&self, attempt: AttemptRecord) -> StoreResult<()> {
         let mut client = self.client().await?;
         let transaction = client.transaction().await?;
@@ -1114,7 +1138,6 @@ fn parse_webhook_signal(payload: &str) -> Option<StoreSignal> {
 /// Keeps a listening connection open and forwards its notifications until
 /// `signals` is closed, reconnecting with exponential backoff.
 async fn listen(config: Arc<Config>, signals: mpsc::Sender<StoreSignal>) {
-    let mut retry_wait = LISTEN_RETRY_MIN;
     let mut failures: u32 = 0;
     loop {
         let outcome = tokio::select! {
@@ -1124,24 +1147,30 @@ async fn listen(config: Arc<Config>, signals: mpsc::Sender<StoreSignal>) {
         match outcome {
             Ok(()) => return,
             Err(error) => {
+                // `listen_once` resets the count once it has subscribed.
                 failures += 1;
+                let retry_wait = listen_retry_wait(failures);
                 tracing::warn!(
                     error = format!("{error:#}"),
                     failures,
                     retry_in_ms = retry_wait.as_millis() as u64,
                     "the PostgreSQL notification listener failed; reconnecting"
                 );
+                tokio::select! {
+                    () = tokio::time::sleep(retry_wait) => {}
+                    () = signals.closed() => return,
+                }
             }
         }
-        if failures == 0 {
-            retry_wait = LISTEN_RETRY_MIN;
-        }
-        tokio::select! {
-            () = tokio::time::sleep(retry_wait) => {}
-            () = signals.closed() => return,
-        }
-        retry_wait = (retry_wait * 2).min(LISTEN_RETRY_MAX);
     }
+}
+
+/// Returns the wait before reconnecting after `failures` failures in a
+/// row: [`LISTEN_RETRY_MIN`], doubled after each further failure, up to
+/// [`LISTEN_RETRY_MAX`].
+fn listen_retry_wait(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    (LISTEN_RETRY_MIN * 2u32.pow(doublings)).min(LISTEN_RETRY_MAX)
 }
 
 /// Aborts a spawned task when dropped.
@@ -1533,6 +1562,15 @@ mod tests {
             .to_string();
         assert!(error.contains("colour"), "{error}");
         assert!(!error.contains("hunter2"), "{error}");
+    }
+
+    #[test]
+    fn listen_retry_wait_doubles_and_starts_over() {
+        assert_eq!(listen_retry_wait(1), LISTEN_RETRY_MIN);
+        assert_eq!(listen_retry_wait(2), LISTEN_RETRY_MIN * 2);
+        assert_eq!(listen_retry_wait(3), LISTEN_RETRY_MIN * 4);
+        assert_eq!(listen_retry_wait(40), LISTEN_RETRY_MAX);
+        assert_eq!(listen_retry_wait(u32::MAX), LISTEN_RETRY_MAX);
     }
 
     #[test]

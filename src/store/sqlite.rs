@@ -615,6 +615,27 @@ impl SqliteStore {
         .await
     }
 
+    pub async fn unrecorded(
+        &self,
+        attempts: Vec<AttemptRecord>,
+    ) -> StoreResult<Vec<AttemptRecord>> {
+        self.read(move |c| {
+            let mut statement = c.prepare_cached(
+                "SELECT 1 FROM attempts WHERE delivery_id = ?1 AND started_at = ?2",
+            )?;
+            let mut unrecorded = Vec::with_capacity(attempts.len());
+            for attempt in attempts {
+                let stored = statement
+                    .exists(params![attempt.delivery_id.to_string(), attempt.started_at])?;
+                if !stored {
+                    unrecorded.push(attempt);
+                }
+            }
+            Ok(unrecorded)
+        })
+        .await
+    }
+
     pub async fn list_deliveries(
         &self,
         query: DeliveryQuery,
