@@ -1780,6 +1780,52 @@ mod tests {
     /// A recovery larger than one chunk requeues every row once, also when
     /// many rows share one millisecond across a chunk boundary.
     #[tokio::test]
+    async fn unrecorded_skips_stored_attempts() {
+        let (_folder, store) = open_fresh().await;
+        let stored = Uuid::now_v7();
+        let other = Uuid::now_v7();
+        let stored_text = stored.to_string();
+        store
+            .write(move |c| {
+                c.execute(
+                    "INSERT INTO attempts (delivery_id, number, trigger, started_at, duration_ms)
+                     VALUES (?1, 1, 'automatic', 5000, 3)",
+                    params![stored_text],
+                )?;
+                Ok(())
+            })
+            .await
+            .expect("inserting an attempt");
+        let attempt = |delivery_id: Uuid, started_at: i64| AttemptRecord {
+            delivery_id,
+            webhook_id: Uuid::now_v7(),
+            trigger: Trigger::Automatic,
+            owner: Some("worker".to_owned()),
+            started_at,
+            duration_ms: 3,
+            status_code: Some(204),
+            error_kind: None,
+            response_body: None,
+            succeeded: true,
+            retry_at: None,
+        };
+
+        let unrecorded = store
+            .unrecorded(vec![
+                attempt(stored, 5000),
+                attempt(stored, 6000),
+                attempt(other, 5000),
+            ])
+            .await
+            .expect("reading attempts");
+        let keys: Vec<(Uuid, i64)> = unrecorded
+            .iter()
+            .map(|attempt| (attempt.delivery_id, attempt.started_at))
+            .collect();
+        assert_eq!(keys, [(stored, 6000), (other, 5000)]);
+    }
+
+    #[tokio::test]
     async fn recovery_spans_chunks() {
         let (_folder, store) = open_fresh().await;
         let business = Uuid::new_v4();

@@ -348,3 +348,67 @@ async fn killed_instance_work_is_taken_over() {
         ]
     );
 }
+
+/// A batch of attempts that the database rejects once is recorded again at
+/// once, not left for the lease to run out, which would send its
+/// deliveries a second time.
+#[tokio::test]
+async fn failed_attempt_batch_is_recorded_again() {
+    let Some(schema) = TestSchema::create("failed_attempt_batch_is_recorded_again").await else {
+        return;
+    };
+    let token = format!("producer-{}", Uuid::new_v4());
+    let service = ServeProcess::start("instance", "all", &schema, &ServeOptions::new(&token)).await;
+    let receiver = Receiver::start(|_, _| Reply::Status(204)).await;
+    let business = Uuid::new_v4();
+    let api_key = create_api_key(&schema, business).await;
+    create_webhook(service.api(), &api_key, &receiver.url, &["booking.created"]).await;
+    // The first statement that inserts attempts fails. A sequence is not
+    // rolled back with it, so every later one succeeds.
+    schema
+        .client()
+        .await
+        .batch_execute(
+            "CREATE SEQUENCE record_failures;
+             CREATE FUNCTION fail_first_record() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF nextval('record_failures') = 1 THEN
+                     RAISE EXCEPTION 'injected failure';
+                 END IF;
+                 RETURN NULL;
+             END $$;
+             CREATE TRIGGER fail_first_record BEFORE INSERT ON attempts
+                 FOR EACH STATEMENT EXECUTE FUNCTION fail_first_record();",
+        )
+        .await
+        .expect("creating the failing trigger");
+
+    let events = 5;
+    send_events(&[service.api()], &token, business, events).await;
+    // The lease lasts 30 s, beyond the wait, so only a new try gets here.
+    let stored = wait_until_all(&schema, events, "succeeded").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let failures: i64 = schema
+        .client()
+        .await
+        .query_one("SELECT last_value FROM record_failures", &[])
+        .await
+        .expect("reading the sequence")
+        .get(0);
+    assert!(failures > 1, "the first insert failed and others followed");
+    let requests = receiver.requests();
+    assert_eq!(requests.len(), events, "one request per delivery");
+    assert!(
+        stored.values().all(|(_, attempts)| *attempts == 1),
+        "every delivery has one attempt: {stored:?}"
+    );
+    let attempts: i64 = schema
+        .client()
+        .await
+        .query_one("SELECT COUNT(*) FROM attempts", &[])
+        .await
+        .expect("counting attempts")
+        .get(0);
+    assert_eq!(attempts, events as i64);
+}

@@ -1569,3 +1569,43 @@ async fn abandoned_attempt_batch_leaves_no_open_transaction() {
     );
     assert_eq!(count_rows(&schema, "attempts").await, 1);
 }
+
+#[tokio::test]
+async fn unrecorded_skips_stored_attempts() {
+    let Some(schema) = TestSchema::create("unrecorded_skips_stored_attempts").await else {
+        return;
+    };
+    let store = open(&schema).await;
+    let business = Uuid::new_v4();
+    add_webhook(&store, business, &["booking.created"], true).await;
+    let (job, _) = accept_and_claim(&store, business).await;
+    let recorded = succeeded_attempt(&job, "worker-a");
+    store
+        .record_attempts(vec![recorded.clone()])
+        .await
+        .expect("recording");
+
+    let later = AttemptRecord {
+        started_at: recorded.started_at + 1,
+        ..recorded.clone()
+    };
+    let other = AttemptRecord {
+        delivery_id: Uuid::now_v7(),
+        ..recorded.clone()
+    };
+    let unrecorded = store
+        .unrecorded(vec![recorded, later.clone(), other.clone()])
+        .await
+        .expect("reading attempts");
+    let keys: Vec<(Uuid, i64)> = unrecorded
+        .iter()
+        .map(|attempt| (attempt.delivery_id, attempt.started_at))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            (later.delivery_id, later.started_at),
+            (other.delivery_id, other.started_at)
+        ]
+    );
+}
