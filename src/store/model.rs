@@ -52,7 +52,7 @@ pub(crate) fn split_events(column: &str) -> Vec<String> {
 }
 
 /// An event reported by the producer, validated and ready to store.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct NewEvent {
     pub id: Uuid,
     pub business_id: Uuid,

@@ -1609,3 +1609,42 @@ async fn unrecorded_skips_stored_attempts() {
         ]
     );
 }
+
+/// A batch whose `COMMIT` succeeded on the server but whose reply was lost
+/// is written again, and each of its events then finds itself stored. The
+/// caller gets the stored event and its deliveries, not an error.
+#[tokio::test]
+async fn committed_event_written_again_is_accepted() {
+    let Some(schema) = TestSchema::create("committed_event_written_again_is_accepted").await else {
+        return;
+    };
+    let store = open(&schema).await;
+    let business = Uuid::new_v4();
+    add_webhook(&store, business, &["booking.created"], true).await;
+    add_webhook(&store, business, &["booking.created"], true).await;
+    let lease = Lease {
+        owner: "worker-a".to_owned(),
+        until: now_micros() + 60_000_000,
+    };
+    let event = EventSpec {
+        lease: Some(lease),
+        ..EventSpec::created(business)
+    }
+    .build();
+
+    let first = store.accept_event(event.clone()).await.expect("accepting");
+    let again = store
+        .accept_event(event)
+        .await
+        .expect("the stored event, not an error");
+    assert_eq!(again.event_id, first.event_id);
+    let first_ids: HashSet<Uuid> = first.jobs.iter().map(|job| job.delivery_id).collect();
+    let again_ids: HashSet<Uuid> = again.jobs.iter().map(|job| job.delivery_id).collect();
+    assert_eq!(first_ids.len(), 2);
+    assert_eq!(
+        again_ids, first_ids,
+        "the stored deliveries come back as jobs"
+    );
+    assert_eq!(count_rows(&schema, "events").await, 1);
+    assert_eq!(count_rows(&schema, "deliveries").await, 2);
+}

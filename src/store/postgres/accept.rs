@@ -32,9 +32,9 @@ use crate::store::{AcceptedEvent, Job, NewEvent, StoreError, StoreResult, Trigge
 /// Events written in one transaction at most.
 const MAX_BATCH_EVENTS: usize = 256;
 
-/// The most events that a batch waits for while another batch is being
-/// written. It waits for as many as recent batches had, up to this number,
-/// for at most [`GATHER_WAIT`]. Without the wait, under load, the
+/// The maximum number of events that a batch waits for while another batch
+/// is being written. It waits for as many as recent batches had, up to this
+/// number, for at most [`GATHER_WAIT`]. Without the wait, under load, the
 /// first event that arrives after a commit makes a batch of its own, which
 /// costs the database almost as much as a full one. In the benchmark,
 /// callers whose batch had committed sent their next events within about a
@@ -161,15 +161,15 @@ async fn run(pool: Pool, mut receiver: mpsc::UnboundedReceiver<PendingEvent>, ma
     }
 }
 
-/// Adds events to a batch until it has `wanted` events or [`GATHER_WAIT`]
+/// Adds events to a batch until it has `target` events or [`GATHER_WAIT`]
 /// has passed.
 async fn gather(
     receiver: &mut mpsc::UnboundedReceiver<PendingEvent>,
     batch: &mut Vec<PendingEvent>,
-    wanted: usize,
+    target: usize,
 ) {
     let deadline = Instant::now() + GATHER_WAIT;
-    while batch.len() < wanted {
+    while batch.len() < target {
         let room = MAX_BATCH_EVENTS - batch.len();
         match time::timeout_at(deadline, receiver.recv_many(batch, room)).await {
             Ok(0) | Err(_) => break,
@@ -180,6 +180,12 @@ async fn gather(
 
 /// Writes a batch and sends each caller its event's result. A caller that
 /// stopped waiting gets nothing, but its event is still written.
+///
+/// A batch that fails is written again one event at a time, a batch of
+/// one event included. When an event fails again, it may still have been
+/// committed by the first write, whose `COMMIT` can succeed on the server
+/// while its reply is lost with the connection. Its caller then gets the
+/// stored event, not the error.
 async fn write_and_reply(pool: &Pool, batch: Vec<PendingEvent>) {
     let (events, replies): (Vec<NewEvent>, Vec<_>) = batch
         .into_iter()
@@ -194,12 +200,6 @@ async fn write_and_reply(pool: &Pool, batch: Vec<PendingEvent>) {
         }
         Err(error) => error,
     };
-    if events.len() == 1 {
-        if let Some(reply) = replies.into_iter().next() {
-            let _ = reply.send(Err(error));
-        }
-        return;
-    }
     tracing::warn!(
         %error,
         events = events.len(),
@@ -208,10 +208,78 @@ async fn write_and_reply(pool: &Pool, batch: Vec<PendingEvent>) {
     for (event, reply) in events.iter().zip(replies) {
         let outcome = match write_batch(pool, std::slice::from_ref(event)).await {
             Ok(mut outcomes) => outcomes.pop().expect("one outcome per event"),
-            Err(error) => Err(error),
+            Err(error) => match find_committed(pool, event).await {
+                Ok(Some(accepted)) => Ok(accepted),
+                Ok(None) => Err(error),
+                Err(lookup_error) => {
+                    tracing::warn!(
+                        error = %lookup_error,
+                        event.id = %event.id,
+                        "looking up an event after a failed write failed"
+                    );
+                    Err(error)
+                }
+            },
         };
         let _ = reply.send(outcome);
     }
+}
+
+/// Finds `event` stored with its id, business, aggregate and acceptance
+/// time, and returns it with the deliveries that are still leased to its
+/// lease's owner (all of its deliveries without a lease).
+async fn find_committed(pool: &Pool, event: &NewEvent) -> StoreResult<Option<AcceptedEvent>> {
+    let client = pool_client(pool).await?;
+    let rows = client
+        .query(
+            "SELECT e.payload, d.id, d.webhook_id, d.due_at, d.leased_by, w.url, w.secret
+             FROM events e
+             LEFT JOIN (deliveries d JOIN webhooks w ON w.id = d.webhook_id)
+                 ON d.event_id = e.id
+             WHERE e.id = $1 AND e.business_id = $2 AND e.aggregate_id = $3
+                 AND e.created_at = $4
+             ORDER BY w.created_at, w.id",
+            &[
+                &event.id.to_string(),
+                &event.business_id.to_string(),
+                &event.aggregate_id.to_string(),
+                &event.accepted_at,
+            ],
+        )
+        .await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let payload = Bytes::from(first.try_get::<_, Vec<u8>>(0)?);
+    let mut jobs = Vec::new();
+    for row in &rows {
+        let Some(delivery_id) = row.try_get::<_, Option<&str>>(1)? else {
+            continue;
+        };
+        let Some(lease_until) = row.try_get::<_, Option<i64>>(3)? else {
+            continue;
+        };
+        let leased_by: Option<&str> = row.try_get(4)?;
+        if leased_by != event.lease.as_ref().map(|lease| lease.owner.as_str()) {
+            continue;
+        }
+        jobs.push(Job {
+            delivery_id: parse_uuid(delivery_id)?,
+            webhook_id: parse_uuid(row.try_get(2)?)?,
+            event_id: event.id,
+            event: event.event.name.to_owned(),
+            url: row.try_get(5)?,
+            secret: row.try_get(6)?,
+            payload: payload.clone(),
+            auto_attempts: 0,
+            trigger: Trigger::Automatic,
+            lease_until,
+        });
+    }
+    Ok(Some(AcceptedEvent {
+        event_id: event.id,
+        jobs,
+    }))
 }
 
 /// The sorted distinct values of a batch, and the index of each event's value.
