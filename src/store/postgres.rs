@@ -537,6 +537,8 @@ impl PostgresStore {
         // Deliveries go first: an attempt being recorded locks its delivery
         // row, so this waits for it, and the attempts deleted next include
         // the one it wrote.
+        // NOTE: the webhook's row stays locked while its whole history is
+        // deleted, and event batches that select its business wait for it.
         let delivery_ids: Vec<String> = query(
             &transaction,
             "DELETE FROM deliveries WHERE webhook_id = $1 RETURNING id",
