@@ -18,7 +18,7 @@ use crate::store::{AttemptRecord, Store};
 /// Attempts written in one transaction at most.
 const MAX_BATCH: usize = 500;
 
-/// Tries to record an attempt, the batch's included, before giving up.
+/// The number of tries to record an attempt, the batch's try included.
 const RECORD_TRIES: u32 = 6;
 
 /// The wait before the second try, doubled before each further one. The
@@ -71,46 +71,54 @@ async fn run(
     }
 }
 
-/// Records a batch. When that fails, each attempt is recorded on its own,
-/// so an attempt that the store rejects cannot hold back the others. An
-/// attempt is tried up to [`RECORD_TRIES`] times in all, with a growing
-/// wait, and skipped once it is found stored: the failed write's commit
-/// may have succeeded before its connection was lost.
+/// Records a batch. When that fails, the attempts are tried again in
+/// rounds, up to [`RECORD_TRIES`] tries in all, with a growing wait before
+/// each round. A round first drops the attempts that are found stored,
+/// because the failed write's commit may have succeeded before its
+/// connection was lost. Then it records the others one at a time, so an
+/// attempt that the store rejects cannot hold back the rest.
 async fn record(store: &Store, attempts: Vec<AttemptRecord>) {
-    let Err(error) = store.record_attempts(attempts.clone()).await else {
+    let Err(mut error) = store.record_attempts(attempts.clone()).await else {
         return;
     };
     tracing::warn!(
         %error,
         count = attempts.len(),
-        "recording attempts failed; recording them one at a time"
+        "recording attempts failed; trying them again one at a time"
     );
-    for attempt in attempts {
-        record_alone(store, attempt).await;
-    }
-}
-
-async fn record_alone(store: &Store, attempt: AttemptRecord) {
+    let mut pending = attempts;
     let mut wait = RECORD_RETRY_WAIT;
-    for tries in 2..=RECORD_TRIES {
+    for _ in 1..RECORD_TRIES {
         tokio::time::sleep(wait).await;
         wait *= 2;
-        let outcome = match store.unrecorded(vec![attempt.clone()]).await {
-            Ok(unrecorded) if unrecorded.is_empty() => return,
-            Ok(_) => store.record_attempts(vec![attempt.clone()]).await,
-            Err(error) => Err(error),
+        pending = match store.unrecorded(pending.clone()).await {
+            Ok(unrecorded) => unrecorded,
+            Err(lookup_error) => {
+                error = lookup_error;
+                continue;
+            }
         };
-        let Err(error) = outcome else {
+        let mut failed = Vec::new();
+        for attempt in pending {
+            if let Err(record_error) = store.record_attempts(vec![attempt.clone()]).await {
+                error = record_error;
+                failed.push(attempt);
+            }
+        }
+        pending = failed;
+        if pending.is_empty() {
             return;
-        };
-        if tries == RECORD_TRIES {
-            // The lease runs out and the delivery is attempted again.
-            tracing::error!(
-                %error,
-                delivery.id = %attempt.delivery_id,
-                tries,
-                "recording an attempt failed; giving up"
-            );
         }
     }
+    // The leases run out and the deliveries are attempted again.
+    let delivery_ids: Vec<String> = pending
+        .iter()
+        .map(|attempt| attempt.delivery_id.to_string())
+        .collect();
+    tracing::error!(
+        %error,
+        delivery.ids = ?delivery_ids,
+        tries = RECORD_TRIES,
+        "recording attempts failed; giving up"
+    );
 }
