@@ -69,6 +69,41 @@ pub struct NewEvent {
     pub lease: Option<Lease>,
 }
 
+impl NewEvent {
+    /// Returns when the event's new deliveries fall due and who leases them:
+    /// the lease's end and owner, or the acceptance time and no one.
+    pub fn delivery_schedule(&self) -> (i64, Option<&str>) {
+        match &self.lease {
+            Some(lease) => (lease.until, Some(lease.owner.as_str())),
+            None => (self.accepted_at, None),
+        }
+    }
+
+    /// Creates the job of a new delivery's first automatic attempt.
+    pub fn first_job(
+        &self,
+        delivery_id: Uuid,
+        webhook_id: Uuid,
+        url: String,
+        secret: String,
+        payload: Bytes,
+        lease_until: i64,
+    ) -> Job {
+        Job {
+            delivery_id,
+            webhook_id,
+            event_id: self.id,
+            event: self.event.name.to_owned(),
+            url,
+            secret,
+            payload,
+            auto_attempts: 0,
+            trigger: Trigger::Automatic,
+            lease_until,
+        }
+    }
+}
+
 /// A lease on deliveries: who holds them and until when.
 #[derive(Debug, Clone)]
 pub struct Lease {

@@ -1341,10 +1341,7 @@ fn accept_event(c: &Connection, event: &NewEvent) -> StoreResult<AcceptedEvent> 
     }
 
     let payload = Bytes::from(payload);
-    let (due_at, leased_by) = match &event.lease {
-        Some(lease) => (lease.until, Some(lease.owner.as_str())),
-        None => (event.accepted_at, None),
-    };
+    let (due_at, leased_by) = event.delivery_schedule();
     let mut subscribers = c.prepare_cached(
         "SELECT id, url, secret, events FROM webhooks WHERE business_id = ?1 AND is_active = 1",
     )?;
@@ -1373,18 +1370,14 @@ fn accept_event(c: &Connection, event: &NewEvent) -> StoreResult<AcceptedEvent> 
             leased_by,
             v7_micros(delivery_id),
         ])?;
-        jobs.push(Job {
+        jobs.push(event.first_job(
             delivery_id,
-            webhook_id: parse_uuid(webhook_id)?,
-            event_id: event.id,
-            event: event.event.name.to_owned(),
-            url: row.get(1)?,
-            secret: row.get(2)?,
-            payload: payload.clone(),
-            auto_attempts: 0,
-            trigger: Trigger::Automatic,
-            lease_until: due_at,
-        });
+            parse_uuid(webhook_id)?,
+            row.get(1)?,
+            row.get(2)?,
+            payload.clone(),
+            due_at,
+        ));
     }
     Ok(AcceptedEvent {
         event_id: event.id,

@@ -27,7 +27,7 @@ use uuid::Uuid;
 use super::pipeline::PipelinedTransaction;
 use super::{DUE_CHANNEL, NOTIFY, Params, parse_uuid, pool_client};
 use crate::domain::payload::build_payload;
-use crate::store::{AcceptedEvent, Job, NewEvent, StoreError, StoreResult, Trigger};
+use crate::store::{AcceptedEvent, Job, NewEvent, StoreError, StoreResult};
 
 /// Events written in one transaction at most.
 const MAX_BATCH_EVENTS: usize = 256;
@@ -260,21 +260,17 @@ async fn find_committed(pool: &Pool, event: &NewEvent) -> StoreResult<Option<Acc
             continue;
         };
         let leased_by: Option<&str> = row.try_get(4)?;
-        if leased_by != event.lease.as_ref().map(|lease| lease.owner.as_str()) {
+        if leased_by != event.delivery_schedule().1 {
             continue;
         }
-        jobs.push(Job {
-            delivery_id: parse_uuid(delivery_id)?,
-            webhook_id: parse_uuid(row.try_get(2)?)?,
-            event_id: event.id,
-            event: event.event.name.to_owned(),
-            url: row.try_get(5)?,
-            secret: row.try_get(6)?,
-            payload: payload.clone(),
-            auto_attempts: 0,
-            trigger: Trigger::Automatic,
+        jobs.push(event.first_job(
+            parse_uuid(delivery_id)?,
+            parse_uuid(row.try_get(2)?)?,
+            row.try_get(5)?,
+            row.try_get(6)?,
+            payload.clone(),
             lease_until,
-        });
+        ));
     }
     Ok(Some(AcceptedEvent {
         event_id: event.id,
@@ -485,23 +481,18 @@ fn plan_event(
     };
     *state = new_state;
 
-    let (due_at, leased_by) = match &event.lease {
-        Some(lease) => (lease.until, Some(lease.owner.as_str())),
-        None => (event.accepted_at, None),
-    };
+    let (due_at, leased_by) = event.delivery_schedule();
     let jobs: Vec<Job> = subscribers
         .iter()
-        .map(|subscriber| Job {
-            delivery_id: Uuid::now_v7(),
-            webhook_id: subscriber.id,
-            event_id: event.id,
-            event: event.event.name.to_owned(),
-            url: subscriber.url.clone(),
-            secret: subscriber.secret.clone(),
-            payload: payload.clone(),
-            auto_attempts: 0,
-            trigger: Trigger::Automatic,
-            lease_until: due_at,
+        .map(|subscriber| {
+            event.first_job(
+                Uuid::now_v7(),
+                subscriber.id,
+                subscriber.url.clone(),
+                subscriber.secret.clone(),
+                payload.clone(),
+                due_at,
+            )
         })
         .collect();
     rows.push_event(event, payload, &jobs, due_at, leased_by);
