@@ -78,6 +78,7 @@ async fn run(
 /// connection was lost. Then it records the others one at a time, so an
 /// attempt that the store rejects cannot hold back the rest.
 async fn record(store: &Store, attempts: Vec<AttemptRecord>) {
+    let attempts: Arc<[AttemptRecord]> = attempts.into();
     let Err(mut error) = store.record_attempts(attempts.clone()).await else {
         return;
     };
@@ -86,7 +87,7 @@ async fn record(store: &Store, attempts: Vec<AttemptRecord>) {
         count = attempts.len(),
         "recording attempts failed; trying them again one at a time"
     );
-    let mut pending = attempts;
+    let mut pending = attempts.to_vec();
     let mut wait = RECORD_RETRY_WAIT;
     for _ in 1..RECORD_TRIES {
         tokio::time::sleep(wait).await;
@@ -100,7 +101,7 @@ async fn record(store: &Store, attempts: Vec<AttemptRecord>) {
         };
         let mut failed = Vec::new();
         for attempt in pending {
-            if let Err(record_error) = store.record_attempts(vec![attempt.clone()]).await {
+            if let Err(record_error) = store.record_attempts(Arc::new([attempt.clone()])).await {
                 error = record_error;
                 failed.push(attempt);
             }

@@ -18,6 +18,8 @@ mod sqlite;
 pub use model::*;
 pub use postgres::{DEFAULT_POOL_MAX_SIZE, DUE_CHANNEL, WEBHOOK_CHANNEL};
 
+use std::sync::Arc;
+
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -197,7 +199,7 @@ impl Store {
     }
 
     /// Records attempts in order, in one transaction.
-    pub async fn record_attempts(&self, attempts: Vec<AttemptRecord>) -> StoreResult<()> {
+    pub async fn record_attempts(&self, attempts: Arc<[AttemptRecord]>) -> StoreResult<()> {
         dispatch!(self, "record_attempts", s => s.record_attempts(attempts).await)
     }
 

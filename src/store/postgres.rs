@@ -681,7 +681,7 @@ impl PostgresStore {
     /// Records attempts in one transaction with four round trips, whatever
     /// their number: lock the deliveries, apply the attempts in order in
     /// memory, then write the attempts and the new states with `UNNEST`.
-    pub async fn record_attempts(&self, attempts: Vec<AttemptRecord>) -> StoreResult<()> {
+    pub async fn record_attempts(&self, attempts: Arc<[AttemptRecord]>) -> StoreResult<()> {
         if attempts.is_empty() {
             return Ok(());
         }
@@ -733,7 +733,7 @@ impl PostgresStore {
         }
 
         let mut rows = AttemptRows::default();
-        for attempt in &attempts {
+        for attempt in attempts.iter() {
             let id = attempt.delivery_id.to_string();
             // A delivery deleted with its webhook while the attempt ran.
             let Some((state, last_attempt_at, last_status_code)) = states.get_mut(&id) else {
@@ -798,13 +798,11 @@ impl PostgresStore {
         .await?;
         let mut stored = std::collections::HashSet::new();
         for row in &rows {
-            stored.insert((row.try_get::<_, String>(0)?, row.try_get::<_, i64>(1)?));
+            stored.insert((parse_uuid(row.try_get(0)?)?, row.try_get::<_, i64>(1)?));
         }
         Ok(attempts
             .into_iter()
-            .zip(ids)
-            .filter(|(attempt, id)| !stored.contains(&(id.clone(), attempt.started_at)))
-            .map(|(attempt, _)| attempt)
+            .filter(|attempt| !stored.contains(&(attempt.delivery_id, attempt.started_at)))
             .collect())
     }
 

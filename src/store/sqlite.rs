@@ -605,9 +605,9 @@ impl SqliteStore {
         self.write(move |c| record_attempt(c, &attempt)).await
     }
 
-    pub async fn record_attempts(&self, attempts: Vec<AttemptRecord>) -> StoreResult<()> {
+    pub async fn record_attempts(&self, attempts: Arc<[AttemptRecord]>) -> StoreResult<()> {
         self.write(move |c| {
-            for attempt in &attempts {
+            for attempt in attempts.iter() {
                 record_attempt(c, attempt)?;
             }
             Ok(())

@@ -1,6 +1,7 @@
 //! The PostgreSQL store's operations, called directly on a fresh schema.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use citapro_webhooks::domain::catalogue::find_event;
@@ -1518,7 +1519,7 @@ async fn abandoned_attempt_batch_leaves_no_open_transaction() {
         .expect("locking the delivery");
     let abandoned = tokio::time::timeout(
         Duration::from_millis(300),
-        store.record_attempts(vec![succeeded_attempt(job, "worker-a")]),
+        store.record_attempts(Arc::new([succeeded_attempt(job, "worker-a")])),
     )
     .await;
     assert!(abandoned.is_err(), "the batch waits for the row lock");
@@ -1559,7 +1560,7 @@ async fn abandoned_attempt_batch_leaves_no_open_transaction() {
     );
 
     store
-        .record_attempts(vec![succeeded_attempt(job, "worker-a")])
+        .record_attempts(Arc::new([succeeded_attempt(job, "worker-a")]))
         .await
         .expect("recording the attempt again");
     let (status, due_at, leased_by) = schedule(&schema, job.delivery_id).await;
@@ -1581,7 +1582,7 @@ async fn unrecorded_skips_stored_attempts() {
     let (job, _) = accept_and_claim(&store, business).await;
     let recorded = succeeded_attempt(&job, "worker-a");
     store
-        .record_attempts(vec![recorded.clone()])
+        .record_attempts(Arc::new([recorded.clone()]))
         .await
         .expect("recording");
 
