@@ -1565,7 +1565,7 @@ mod tests {
     }
 
     #[test]
-    fn listen_retry_wait_doubles_and_starts_over() {
+    fn listen_retry_wait_doubles_up_to_max() {
         assert_eq!(listen_retry_wait(1), LISTEN_RETRY_MIN);
         assert_eq!(listen_retry_wait(2), LISTEN_RETRY_MIN * 2);
         assert_eq!(listen_retry_wait(3), LISTEN_RETRY_MIN * 4);

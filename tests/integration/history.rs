@@ -38,6 +38,20 @@ async fn list(service: &TestService, business: &TestBusiness, webhook: &str, que
     response.json()
 }
 
+/// Reads one delivery with its attempts, which must be found.
+async fn detail(service: &TestService, business: &TestBusiness, webhook: &str, id: &str) -> Value {
+    let response = service
+        .get(&format!("/v1/webhooks/{webhook}/deliveries/{id}"), business)
+        .await;
+    assert_eq!(
+        response.status,
+        200,
+        "reading delivery {id}: {}",
+        response.text()
+    );
+    response.json()
+}
+
 /// Waits until every delivery of the webhook has left `pending`.
 async fn wait_until_settled(
     service: &TestService,
@@ -230,16 +244,9 @@ async fn delivery_shows_payload_and_attempts() {
     send_events(&service, &business, 1).await;
     let received = receiver.wait_for_requests(1).await;
     let page = wait_until_settled(&service, &business, &webhook.id).await;
-    let id = page["data"][0]["id"].as_str().unwrap().to_owned();
+    let id = page["data"][0]["id"].as_str().unwrap();
 
-    let response = service
-        .get(
-            &format!("/v1/webhooks/{}/deliveries/{id}", webhook.id),
-            &business,
-        )
-        .await;
-    assert_eq!(response.status, 200, "{}", response.text());
-    let delivery = response.json();
+    let delivery = detail(&service, &business, &webhook.id, id).await;
     assert_eq!(
         delivery["payload"].as_str().unwrap().as_bytes(),
         &received[0].body[..],
@@ -257,8 +264,8 @@ async fn delivery_shows_payload_and_attempts() {
     assert!(attempt["responseBody"].is_string());
 }
 
-/// PostgreSQL text cannot contain NUL, and a response body with one must
-/// still be stored, as text like any other.
+/// A response body with NUL is stored with U+FFFD in its place, because
+/// PostgreSQL text cannot contain NUL.
 #[tokio::test]
 async fn response_body_nul_is_replaced() {
     let reply = Reply::Body {
@@ -270,16 +277,9 @@ async fn response_body_nul_is_replaced() {
     receiver.wait_for_requests(1).await;
     let page = wait_until_settled(&service, &business, &webhook.id).await;
     assert_eq!(page["data"][0]["status"], "succeeded");
-    let id = page["data"][0]["id"].as_str().unwrap().to_owned();
+    let id = page["data"][0]["id"].as_str().unwrap();
 
-    let response = service
-        .get(
-            &format!("/v1/webhooks/{}/deliveries/{id}", webhook.id),
-            &business,
-        )
-        .await;
-    assert_eq!(response.status, 200, "{}", response.text());
-    let attempts = response.json()["attempts"].clone();
+    let attempts = detail(&service, &business, &webhook.id, id).await["attempts"].clone();
     assert_eq!(attempts.as_array().unwrap().len(), 1);
     assert_eq!(attempts[0]["responseBody"], "ok\u{FFFD}nul\u{FFFD}");
 }

@@ -1493,7 +1493,7 @@ async fn listener_reconnects_after_connection_loss() {
 
 /// A batch of attempts given up while its transaction is open, here while
 /// it waits for a row lock, must leave no transaction open on a pooled
-/// connection: such a connection would hold the lock, and the next user of
+/// connection. Such a connection would hold the lock, and the next user of
 /// the pool would run its statements inside the abandoned transaction.
 #[tokio::test]
 async fn abandoned_attempt_batch_leaves_no_open_transaction() {

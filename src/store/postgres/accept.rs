@@ -33,13 +33,10 @@ use crate::store::{AcceptedEvent, Job, NewEvent, StoreError, StoreResult};
 const MAX_BATCH_EVENTS: usize = 256;
 
 /// The maximum number of events that a batch waits for while another batch
-/// is being written. It waits for as many as recent batches had, up to this
-/// number, for at most [`GATHER_WAIT`]. Without the wait, under load, the
-/// first event that arrives after a commit makes a batch of its own, which
-/// costs the database almost as much as a full one. In the benchmark,
-/// callers whose batch had committed sent their next events within about a
-/// millisecond. At a low rate batches have one or two events, so they
-/// hardly wait.
+/// is being written. It waits for as many as recent batches had, so at a
+/// low rate it hardly waits. Without the wait, the first event after a
+/// commit makes a batch of its own, which costs the database almost as
+/// much as a full one.
 const GATHER_EVENTS: usize = 16;
 
 /// The maximum wait for more events. A batch that starts while no other one
