@@ -449,8 +449,8 @@ pub struct QueueStats {
 const V7_MAX_MILLIS: i64 = 0xffff_ffff_ffff;
 
 /// Returns the time of a UUID v7 in microseconds: the milliseconds in its first
-/// 48 bits, times 1000. A SQLite delivery's `created_at` is this time of its
-/// id, so ordering deliveries by `(created_at, id)` orders them by id.
+/// 48 bits, times 1000. A delivery's `created_at` is this time of its id, so
+/// ordering deliveries by `(created_at, id)` orders them by id.
 pub(crate) fn v7_micros(id: Uuid) -> i64 {
     ((id.as_u128() >> 80) as i64) * 1000
 }
@@ -465,6 +465,15 @@ pub(crate) fn v7_floor(micros: i64) -> String {
         millis >> 16,
         millis & 0xffff
     )
+}
+
+/// Returns the id range of the deliveries created in `[since, until)`. A
+/// delivery's `created_at` is the millisecond of its v7 id in both stores,
+/// so the range starts at the millisecond of `since` and ends before the
+/// first millisecond at or after `until`. Queries still check `created_at`
+/// for the exact window.
+pub(crate) fn id_window(since: i64, until: i64) -> (String, String) {
+    (v7_floor(since), v7_floor(until.saturating_add(999)))
 }
 
 /// Makes a UUID v7 of the given millisecond, with random bits after it.

@@ -55,6 +55,7 @@ const WEBHOOK_LIMIT_LOCK_CLASS: i32 = 0x6369_7477;
 const MIGRATIONS: &[&str] = &[
     include_str!("sql/postgres_v1.sql"),
     include_str!("sql/postgres_v2.sql"),
+    include_str!("sql/postgres_v3.sql"),
 ];
 
 /// Event batches written at once, each on its own pool connection. Fewer
@@ -247,11 +248,49 @@ async fn query_one(client: &impl GenericClient, sql: &str, params: Params<'_>) -
 /// the transaction commits.
 const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 
-/// Locks the deliveries of a batch of attempts. Locking in id order keeps
-/// two batches from deadlocking.
-const LOCK_DELIVERIES: &str = "SELECT id, status, due_at, attempt_count, auto_attempts,
-        leased_by, next_attempt_at
-     FROM deliveries WHERE id = ANY($1) ORDER BY id FOR UPDATE";
+/// Plans for statements that join a batch of keys to a table's primary key.
+///
+/// The best plan depends on the batch's size and the table's. A generic plan
+/// cached while `deliveries` was nearly empty joins by scanning the whole
+/// table, and it stays cached on the pooled connection; so each batch gets a
+/// plan of its own. Until `deliveries` has been analyzed, PostgreSQL cannot
+/// tell that a `(webhook_id, id)` pair matches at most one row, and it hashes
+/// the whole table to join a few hundred keys. A nested loop over the
+/// primary key costs one index probe per key whatever the table's size.
+const KEY_BATCH_PLANS: &str = "SET LOCAL plan_cache_mode = force_custom_plan;
+     SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off";
+
+/// Leases up to `$3` due deliveries. One statement, so the lease is taken in
+/// the same transaction as the row locks. SKIP LOCKED passes over rows that
+/// another process is claiming, and a row it already leased no longer
+/// matches `due_at <= now`.
+const CLAIM_DUE: &str = "WITH due AS (
+         SELECT webhook_id, id, due_at FROM deliveries
+         WHERE due_at IS NOT NULL AND due_at <= $1 AND NOT (webhook_id = ANY($2))
+         ORDER BY due_at
+         LIMIT $3
+         FOR UPDATE SKIP LOCKED
+     ), leased AS (
+         UPDATE deliveries d SET due_at = $4, leased_by = $5
+         FROM due WHERE d.webhook_id = due.webhook_id AND d.id = due.id
+         RETURNING d.id, d.webhook_id, d.event_id, d.event, d.auto_attempts,
+             due.due_at AS was_due_at
+     )
+     SELECT l.id, l.webhook_id, l.event, l.auto_attempts, w.url, w.secret, e.payload,
+         l.event_id
+     FROM leased l
+     JOIN webhooks w ON w.id = l.webhook_id
+     JOIN events e ON e.id = l.event_id
+     ORDER BY l.was_due_at";
+
+/// Locks the deliveries of a batch of attempts, found by their primary key
+/// `(webhook_id, id)`. Locking in id order keeps two batches from
+/// deadlocking.
+const LOCK_DELIVERIES: &str = "SELECT d.id, d.status, d.due_at, d.attempt_count,
+        d.auto_attempts, d.leased_by, d.next_attempt_at, d.webhook_id
+     FROM UNNEST($1::text[], $2::text[]) AS k (webhook_id, id)
+     JOIN deliveries d ON d.webhook_id = k.webhook_id AND d.id = k.id
+     ORDER BY d.id FOR UPDATE OF d";
 
 const INSERT_ATTEMPTS: &str = "INSERT INTO attempts (delivery_id, number, trigger, started_at,
         duration_ms, status_code, error_kind, response_body)
@@ -263,10 +302,10 @@ const UPDATE_DELIVERIES: &str = "UPDATE deliveries d SET attempt_count = u.attem
         last_status_code = u.last_status_code, status = u.status, due_at = u.due_at,
         next_attempt_at = u.next_attempt_at, leased_by = u.leased_by
      FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::int[],
-        $6::text[], $7::bigint[], $8::bigint[], $9::text[])
+        $6::text[], $7::bigint[], $8::bigint[], $9::text[], $10::text[])
         AS u(id, attempt_count, auto_attempts, last_attempt_at, last_status_code,
-             status, due_at, next_attempt_at, leased_by)
-     WHERE d.id = u.id";
+             status, due_at, next_attempt_at, leased_by, webhook_id)
+     WHERE d.webhook_id = u.webhook_id AND d.id = u.id";
 
 /// Queues a notification that is sent when the transaction commits.
 async fn notify(client: &impl GenericClient, channel: &str, payload: &str) -> StoreResult<()> {
@@ -574,39 +613,30 @@ impl PostgresStore {
     pub async fn claim_due(&self, claim: Claim) -> StoreResult<Vec<Job>> {
         let client = self.client().await?;
         let skip: Vec<String> = claim.skip_webhooks.iter().map(Uuid::to_string).collect();
-        // One statement, so the lease is taken in the same transaction as
-        // the row locks. SKIP LOCKED passes over rows that another process
-        // is claiming, and a row it already leased no longer matches
-        // `due_at <= now`.
-        let rows = query(
-            &client,
-            "WITH due AS (
-                 SELECT id, due_at FROM deliveries
-                 WHERE due_at IS NOT NULL AND due_at <= $1 AND NOT (webhook_id = ANY($2))
-                 ORDER BY due_at
-                 LIMIT $3
-                 FOR UPDATE SKIP LOCKED
-             ), leased AS (
-                 UPDATE deliveries d SET due_at = $4, leased_by = $5
-                 FROM due WHERE d.id = due.id
-                 RETURNING d.id, d.webhook_id, d.event_id, d.event, d.auto_attempts,
-                     due.due_at AS was_due_at
-             )
-             SELECT l.id, l.webhook_id, l.event, l.auto_attempts, w.url, w.secret, e.payload,
-                 l.event_id
-             FROM leased l
-             JOIN webhooks w ON w.id = l.webhook_id
-             JOIN events e ON e.id = l.event_id
-             ORDER BY l.was_due_at",
-            &[
-                &claim.now,
-                &skip,
-                &(claim.limit as i64),
-                &claim.lease_until,
-                &claim.owner,
-            ],
-        )
-        .await?;
+        let statement = client.prepare_cached(CLAIM_DUE).await?;
+        let params: Params = &[
+            &claim.now,
+            &skip,
+            &(claim.limit as i64),
+            &claim.lease_until,
+            &claim.owner,
+        ];
+        // One round trip: the settings, the statement and `COMMIT` go out
+        // together behind `BEGIN`.
+        let transaction = PipelinedTransaction::new(client);
+        let rows = transaction
+            .commit_after(async {
+                let (begun, plans, rows) = tokio::join!(
+                    biased;
+                    transaction.begin(),
+                    transaction.client().batch_execute(KEY_BATCH_PLANS),
+                    transaction.client().query(&statement, params),
+                );
+                begun?;
+                plans?;
+                Ok(rows?)
+            })
+            .await?;
         rows.iter()
             .map(|row| {
                 Ok(Job {
@@ -646,8 +676,13 @@ impl PostgresStore {
         let renewed = execute(
             &client,
             "UPDATE deliveries SET due_at = $1
-             WHERE id = $2 AND leased_by = $3 AND status = 'pending'",
-            &[&until, &delivery.delivery_id.to_string(), &owner],
+             WHERE webhook_id = $4 AND id = $2 AND leased_by = $3 AND status = 'pending'",
+            &[
+                &until,
+                &delivery.delivery_id.to_string(),
+                &owner,
+                &delivery.webhook_id.to_string(),
+            ],
         )
         .await?;
         Ok(renewed == 1)
@@ -658,17 +693,19 @@ impl PostgresStore {
         deliveries: Vec<DeliveryKey>,
         owner: String,
     ) -> StoreResult<()> {
-        let ids: Vec<String> = deliveries
+        let (webhook_ids, ids): (Vec<String>, Vec<String>) = deliveries
             .iter()
-            .map(|key| key.delivery_id.to_string())
-            .collect();
+            .map(|key| (key.webhook_id.to_string(), key.delivery_id.to_string()))
+            .unzip();
         let mut client = self.client().await?;
         let transaction = client.transaction().await?;
         let released = execute(
             &transaction,
-            "UPDATE deliveries SET leased_by = NULL, due_at = $1
-             WHERE id = ANY($2) AND leased_by = $3 AND due_at IS NOT NULL",
-            &[&now_micros(), &ids, &owner],
+            "UPDATE deliveries d SET leased_by = NULL, due_at = $1
+             FROM UNNEST($4::text[], $2::text[]) AS k (webhook_id, id)
+             WHERE d.webhook_id = k.webhook_id AND d.id = k.id
+               AND d.leased_by = $3 AND d.due_at IS NOT NULL",
+            &[&now_micros(), &ids, &owner, &webhook_ids],
         )
         .await?;
         if released > 0 {
@@ -678,7 +715,7 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// Records attempts in one transaction with four round trips, whatever
+    /// Records attempts in one transaction with two round trips, whatever
     /// their number: lock the deliveries, apply the attempts in order in
     /// memory, then write the attempts and the new states with `UNNEST`.
     pub async fn record_attempts(&self, attempts: Arc<[AttemptRecord]>) -> StoreResult<()> {
@@ -692,21 +729,19 @@ impl PostgresStore {
             client.prepare_cached(UPDATE_DELIVERIES),
         )?;
         let transaction = PipelinedTransaction::new(client);
-        // The best plan for these statements depends on the batch's size and
-        // the table's. A generic plan cached while `deliveries` was nearly
-        // empty joins by scanning the whole table, and it stays cached on
-        // the pooled connection. So each batch gets a plan of its own, with
-        // the setting pipelined ahead of the first statement.
-        let mut ids: Vec<String> = attempts.iter().map(|a| a.delivery_id.to_string()).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let lock_params: Params = &[&ids];
+        // The settings go out pipelined ahead of the first statement.
+        let mut keys: Vec<(String, String)> = attempts
+            .iter()
+            .map(|a| (a.delivery_id.to_string(), a.webhook_id.to_string()))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let (ids, webhook_ids): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
+        let lock_params: Params = &[&webhook_ids, &ids];
         let (begun, custom_plans, rows) = tokio::join!(
             biased;
             transaction.begin(),
-            transaction
-                .client()
-                .batch_execute("SET LOCAL plan_cache_mode = force_custom_plan"),
+            transaction.client().batch_execute(KEY_BATCH_PLANS),
             transaction.client().query(&lock, lock_params),
         );
         let rows = match begun
@@ -719,7 +754,7 @@ impl PostgresStore {
                 return Err(error);
             }
         };
-        let mut states: HashMap<String, (DeliveryState, i64, Option<i32>)> = HashMap::new();
+        let mut states: HashMap<String, (DeliveryState, String, i64, Option<i32>)> = HashMap::new();
         for row in &rows {
             let state = DeliveryState {
                 status: row.try_get(1)?,
@@ -729,14 +764,14 @@ impl PostgresStore {
                 leased_by: row.try_get(5)?,
                 next_attempt_at: row.try_get(6)?,
             };
-            states.insert(row.try_get(0)?, (state, 0, None));
+            states.insert(row.try_get(0)?, (state, row.try_get(7)?, 0, None));
         }
 
         let mut rows = AttemptRows::default();
         for attempt in attempts.iter() {
             let id = attempt.delivery_id.to_string();
             // A delivery deleted with its webhook while the attempt ran.
-            let Some((state, last_attempt_at, last_status_code)) = states.get_mut(&id) else {
+            let Some((state, _, last_attempt_at, last_status_code)) = states.get_mut(&id) else {
                 continue;
             };
             *state = apply_attempt(state, attempt);
@@ -745,8 +780,8 @@ impl PostgresStore {
             rows.push(id, state.attempt_count, attempt);
         }
         let mut update_rows = DeliveryRows::default();
-        for (id, (state, last_attempt_at, last_status_code)) in states {
-            update_rows.push(id, state, last_attempt_at, last_status_code);
+        for (id, (state, webhook_id, last_attempt_at, last_status_code)) in states {
+            update_rows.push((webhook_id, id), state, last_attempt_at, last_status_code);
         }
         let client = transaction.client();
         let insert_params: Params = &[
@@ -769,6 +804,7 @@ impl PostgresStore {
             &update_rows.due_at,
             &update_rows.next_attempt_at,
             &update_rows.leased_by,
+            &update_rows.webhook_ids,
         ];
         transaction
             .commit_after(async {
@@ -821,12 +857,13 @@ impl PostgresStore {
         }
         let webhook_id = page.webhook_id.to_string();
         let limit = page.limit as i64;
-        let after = page
-            .after
-            .map(|(created_at, id)| (created_at, id.to_string()));
+        // A delivery's `created_at` is the time in its v7 id (see migration
+        // 3), so the order by `(created_at, id)` is the id order, and a
+        // cursor's id alone marks its place.
+        let after = page.after.map(|(_, id)| id.to_string());
 
         // Only the filters in use go into the statement, so the planner can
-        // walk the (webhook_id, created_at, id) index for every variant.
+        // walk the primary key (webhook_id, id) for every variant.
         let mut sql =
             format!("SELECT {DELIVERY_COLUMNS} FROM deliveries d WHERE d.webhook_id = $1");
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![&webhook_id, &limit];
@@ -838,16 +875,11 @@ impl PostgresStore {
             params.push(event);
             sql.push_str(&format!(" AND d.event = ${}", params.len()));
         }
-        if let Some((created_at, id)) = &after {
-            params.push(created_at);
+        if let Some(id) = &after {
             params.push(id);
-            sql.push_str(&format!(
-                " AND (d.created_at, d.id) < (${}, ${})",
-                params.len() - 1,
-                params.len()
-            ));
+            sql.push_str(&format!(" AND d.id < ${}", params.len()));
         }
-        sql.push_str(" ORDER BY d.created_at DESC, d.id DESC LIMIT $2");
+        sql.push_str(" ORDER BY d.id DESC LIMIT $2");
         let rows = query(&client, &sql, &params).await?;
         Ok(Some(
             rows.iter()
@@ -997,7 +1029,7 @@ impl PostgresStore {
                 &event_text,
                 &PING_EVENT,
                 &webhook_text,
-                &test.now,
+                &v7_micros(delivery_id),
             ],
         )
         .await?;
@@ -1037,13 +1069,21 @@ impl PostgresStore {
         }
 
         let webhook_id = recovery.webhook_id.to_string();
+        let (first_id, end_id) = id_window(recovery.since, recovery.until);
         let count = if recovery.dry_run {
             let count: i64 = query_one(
                 &transaction,
                 "SELECT COUNT(*) FROM deliveries
-                 WHERE webhook_id = $1 AND created_at >= $2 AND created_at < $3
+                 WHERE webhook_id = $1 AND id >= $4 AND id < $5
+                   AND created_at >= $2 AND created_at < $3
                    AND status IN ('failed', 'cancelled') AND NOT is_test",
-                &[&webhook_id, &recovery.since, &recovery.until],
+                &[
+                    &webhook_id,
+                    &recovery.since,
+                    &recovery.until,
+                    &first_id,
+                    &end_id,
+                ],
             )
             .await?
             .try_get(0)?;
@@ -1053,9 +1093,17 @@ impl PostgresStore {
                 &transaction,
                 "UPDATE deliveries SET status = 'pending', auto_attempts = 0, due_at = $4,
                     next_attempt_at = $4, leased_by = NULL
-                 WHERE webhook_id = $1 AND created_at >= $2 AND created_at < $3
+                 WHERE webhook_id = $1 AND id >= $5 AND id < $6
+                   AND created_at >= $2 AND created_at < $3
                    AND status IN ('failed', 'cancelled') AND NOT is_test",
-                &[&webhook_id, &recovery.since, &recovery.until, &recovery.now],
+                &[
+                    &webhook_id,
+                    &recovery.since,
+                    &recovery.until,
+                    &recovery.now,
+                    &first_id,
+                    &end_id,
+                ],
             )
             .await?
         };
@@ -1069,7 +1117,9 @@ impl PostgresStore {
 
     /// Deletes finished deliveries and unreferenced events created before
     /// `cutoff`. Rows are found by their id: a UUID v7 created before
-    /// `cutoff` sorts below [`v7_floor`] of it.
+    /// `cutoff` sorts below [`v7_floor`] of it. Deliveries are found webhook
+    /// by webhook, through the primary key `(webhook_id, id)`; every
+    /// delivery belongs to a stored webhook.
     pub async fn purge_history(&self, cutoff: i64, batch: usize) -> StoreResult<u64> {
         let mut client = self.client().await?;
         let transaction = client.transaction().await?;
@@ -1080,13 +1130,18 @@ impl PostgresStore {
         // a delivery whose manual attempt is being recorded.
         let delivery_ids: Vec<String> = query(
             &transaction,
-            "DELETE FROM deliveries WHERE id IN (
-                 SELECT id FROM deliveries
-                 WHERE id < $3 AND created_at < $1 AND status <> 'pending'
-                 ORDER BY id
-                 LIMIT $2
-                 FOR UPDATE SKIP LOCKED)
-             RETURNING id",
+            "DELETE FROM deliveries d USING (
+                 SELECT o.webhook_id, o.id FROM webhooks w
+                 CROSS JOIN LATERAL (
+                     SELECT webhook_id, id FROM deliveries
+                     WHERE webhook_id = w.id AND id < $3 AND created_at < $1
+                       AND status <> 'pending'
+                     ORDER BY id
+                     LIMIT $2
+                     FOR UPDATE SKIP LOCKED) o
+                 LIMIT $2) old
+             WHERE d.webhook_id = old.webhook_id AND d.id = old.id
+             RETURNING d.id",
             &[&cutoff, &batch, &floor],
         )
         .await?
@@ -1344,12 +1399,13 @@ async fn record_attempt(
     attempt: &AttemptRecord,
 ) -> StoreResult<()> {
     let id = attempt.delivery_id.to_string();
+    let webhook_id = attempt.webhook_id.to_string();
     let current = query_opt(
         transaction,
         "SELECT status, due_at, attempt_count, auto_attempts, leased_by, next_attempt_at
-         FROM deliveries WHERE id = $1
+         FROM deliveries WHERE webhook_id = $2 AND id = $1
          FOR UPDATE",
-        &[&id],
+        &[&id, &webhook_id],
     )
     .await?;
     // The webhook and its history were deleted while the attempt ran.
@@ -1390,7 +1446,7 @@ async fn record_attempt(
         transaction,
         "UPDATE deliveries SET attempt_count = $1, last_attempt_at = $2, last_status_code = $3,
             status = $4, due_at = $5, next_attempt_at = $6, leased_by = $7, auto_attempts = $9
-         WHERE id = $8",
+         WHERE webhook_id = $10 AND id = $8",
         &[
             &update.attempt_count,
             &attempt.started_at,
@@ -1401,6 +1457,7 @@ async fn record_attempt(
             &update.leased_by,
             &id,
             &update.auto_attempts,
+            &webhook_id,
         ],
     )
     .await?;
@@ -1437,6 +1494,7 @@ impl AttemptRows {
 /// Columns of new delivery states, for one `UPDATE … FROM UNNEST`.
 #[derive(Default)]
 struct DeliveryRows {
+    webhook_ids: Vec<String>,
     ids: Vec<String>,
     attempt_counts: Vec<i64>,
     auto_attempts: Vec<i64>,
@@ -1449,7 +1507,14 @@ struct DeliveryRows {
 }
 
 impl DeliveryRows {
-    fn push(&mut self, id: String, state: DeliveryState, last_attempt_at: i64, code: Option<i32>) {
+    fn push(
+        &mut self,
+        (webhook_id, id): (String, String),
+        state: DeliveryState,
+        last_attempt_at: i64,
+        code: Option<i32>,
+    ) {
+        self.webhook_ids.push(webhook_id);
         self.ids.push(id);
         self.attempt_counts.push(state.attempt_count);
         self.auto_attempts.push(state.auto_attempts);

@@ -969,15 +969,6 @@ fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<Delivery> {
     })
 }
 
-/// Returns the id range of the deliveries created in `[since, until)`. A
-/// delivery's `created_at` is the millisecond of its v7 id (see migration
-/// 5), so the range starts at the millisecond of `since` and ends before the
-/// first millisecond at or after `until`. Queries still check `created_at`
-/// for the exact window.
-fn id_window(since: i64, until: i64) -> (String, String) {
-    (v7_floor(since), v7_floor(until.saturating_add(999)))
-}
-
 fn webhook_exists(c: &Connection, business_id: Uuid, webhook_id: Uuid) -> StoreResult<bool> {
     let found = c
         .prepare_cached("SELECT 1 FROM webhooks WHERE id = ?1 AND business_id = ?2")?

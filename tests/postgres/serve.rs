@@ -181,13 +181,17 @@ async fn api_and_worker_roles_split_the_work() {
     assert_eq!(accepted["deliveries"], 1);
     let client = schema.client().await;
     let row = client
-        .query_one("SELECT leased_by, due_at, created_at FROM deliveries", &[])
+        .query_one(
+            "SELECT d.leased_by, d.due_at, e.created_at
+             FROM deliveries d JOIN events e ON e.id = d.event_id",
+            &[],
+        )
         .await
         .expect("reading the delivery");
-    let (leased_by, due_at, created_at): (Option<String>, Option<i64>, i64) =
+    let (leased_by, due_at, accepted_at): (Option<String>, Option<i64>, i64) =
         (row.get(0), row.get(1), row.get(2));
     assert_eq!(leased_by, None, "an api instance leases nothing");
-    assert_eq!(due_at, Some(created_at), "the delivery is due at once");
+    assert_eq!(due_at, Some(accepted_at), "the delivery is due at once");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         receiver.requests().is_empty(),

@@ -1039,14 +1039,16 @@ async fn history_pages_across_equal_timestamps() {
         true,
     )
     .await;
-    let instant = now_micros();
     let mut expected = Vec::new();
-    for index in 0..9 {
-        let mut spec = EventSpec::created(business);
-        // Three groups of three deliveries that share a creation time.
-        spec.accepted_at = instant + (index / 3) as i64;
-        let accepted = store.accept_event(spec.build()).await.expect("accepting");
-        expected.push((instant + (index / 3) as i64, accepted.jobs[0].delivery_id));
+    for _ in 0..9 {
+        let accepted = store
+            .accept_event(EventSpec::created(business).build())
+            .await
+            .expect("accepting");
+        let id = accepted.jobs[0].delivery_id;
+        // A delivery's creation time is the millisecond in its v7 id, so a
+        // burst of deliveries shares it.
+        expected.push((((id.as_u128() >> 80) as i64) * 1000, id));
     }
     expected.sort_by(|a, b| b.cmp(a));
 
@@ -1412,11 +1414,135 @@ async fn concurrent_starts_migrate_once() {
         .iter()
         .map(|row| row.get(0))
         .collect();
-    assert_eq!(versions, [1, 2], "each migration is applied once");
+    assert_eq!(versions, [1, 2, 3], "each migration is applied once");
     assert!(
         Store::open(&schema.url).await.is_ok(),
         "opening a migrated schema again works"
     );
+}
+
+/// Makes a UUID v7 of the given millisecond.
+fn v7_at(millis: u64) -> Uuid {
+    Uuid::new_v7(uuid::Timestamp::from_unix_time(
+        millis / 1000,
+        (millis % 1000) as u32 * 1_000_000,
+        0,
+        0,
+    ))
+}
+
+#[tokio::test]
+async fn migration_keys_history_by_webhook_and_id() {
+    let Some(schema) = TestSchema::create("migration_keys_history_by_webhook_and_id").await else {
+        return;
+    };
+    // The schema as the two first migrations left it, with deliveries whose
+    // creation time is not the time in their id.
+    let client = schema.client().await;
+    client
+        .batch_execute(concat!(
+            include_str!("../../src/store/sql/postgres_v1.sql"),
+            include_str!("../../src/store/sql/postgres_v2.sql"),
+            "CREATE TABLE schema_migrations (
+                 version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL);
+             INSERT INTO schema_migrations VALUES (1, 0), (2, 0);"
+        ))
+        .await
+        .expect("applying the first two migrations");
+    let business = Uuid::new_v4();
+    let webhook = new_webhook(business, &["booking.created"], true);
+    let webhook_text = webhook.id.to_string();
+    client
+        .execute(
+            "INSERT INTO webhooks VALUES ($1, $2, $3, 'booking.created', TRUE, $4, 0, 0)",
+            &[
+                &webhook_text,
+                &business.to_string(),
+                &webhook.url,
+                &webhook.secret,
+            ],
+        )
+        .await
+        .expect("storing a webhook");
+    let event = Uuid::now_v7().to_string();
+    client
+        .execute(
+            "INSERT INTO events VALUES ($1, $2, 'booking.created', 'a', '{}', 0)",
+            &[&event, &business.to_string()],
+        )
+        .await
+        .expect("storing an event");
+    let base = now_micros() as u64 / 1000 - 60_000;
+    let ids: Vec<Uuid> = [0, 7, 3].iter().map(|ms| v7_at(base + ms)).collect();
+    for (index, id) in ids.iter().enumerate() {
+        let due_at = (index == 0).then_some(0i64);
+        let status = if index == 0 { "pending" } else { "succeeded" };
+        client
+            .execute(
+                "INSERT INTO deliveries (id, webhook_id, event_id, event, aggregate_id, status,
+                     created_at, due_at)
+                 VALUES ($1, $2, $3, 'booking.created', 'a', $4, 5, $5)",
+                &[&id.to_string(), &webhook_text, &event, &status, &due_at],
+            )
+            .await
+            .expect("storing a delivery");
+    }
+
+    let store = open(&schema).await;
+    let listed = store
+        .list_deliveries(DeliveryQuery {
+            business_id: business,
+            webhook_id: webhook.id,
+            status: None,
+            event: None,
+            limit: 10,
+            after: None,
+        })
+        .await
+        .expect("listing")
+        .expect("the webhook exists");
+    let listed: Vec<(i64, Uuid)> = listed.iter().map(|d| (d.created_at, d.id)).collect();
+    let mut expected: Vec<(i64, Uuid)> = ids
+        .iter()
+        .map(|id| (((id.as_u128() >> 80) as i64) * 1000, *id))
+        .collect();
+    expected.sort_by(|a, b| b.cmp(a));
+    assert_eq!(
+        listed, expected,
+        "creation times come from the ids, newest first"
+    );
+
+    // The migrated pending delivery is claimed and its attempt recorded
+    // through the new primary key.
+    let now = now_micros();
+    let jobs = store
+        .claim_due(claim("worker-a", now, now + 60_000_000, 10))
+        .await
+        .expect("claiming");
+    assert_eq!(jobs.len(), 1, "the pending delivery is due");
+    assert_eq!(jobs[0].delivery_id, ids[0]);
+    store
+        .record_attempts(Arc::from([succeeded_attempt(&jobs[0], "worker-a")]))
+        .await
+        .expect("recording");
+    assert_eq!(
+        schedule(&schema, ids[0]).await,
+        ("succeeded".to_owned(), None, None)
+    );
+    let key: Vec<String> = client
+        .query(
+            "SELECT a.attname FROM pg_index i
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+             WHERE i.indrelid = 'deliveries'::regclass AND i.indisprimary
+             ORDER BY array_position(i.indkey, a.attnum)",
+            &[],
+        )
+        .await
+        .expect("reading the primary key")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(key, ["webhook_id", "id"]);
 }
 
 #[tokio::test]

@@ -27,6 +27,7 @@ use uuid::Uuid;
 use super::pipeline::PipelinedTransaction;
 use super::{DUE_CHANNEL, NOTIFY, Params, parse_uuid, pool_client};
 use crate::domain::payload::build_payload;
+use crate::store::model::v7_micros;
 use crate::store::{AcceptedEvent, Job, NewEvent, StoreError, StoreResult};
 
 /// Events written in one transaction at most.
@@ -83,13 +84,16 @@ const DELETE_STATES: &str = "DELETE FROM aggregate_states s
      WHERE s.business_id = k.business_id AND s.entity = k.entity
          AND s.aggregate_id = k.aggregate_id";
 
+/// A delivery's `created_at` is the time in its v7 id (see migration 3), and
+/// its first attempt is due when its event was accepted.
 const INSERT_DELIVERIES: &str = "INSERT INTO deliveries (id, webhook_id, event_id, event,
          aggregate_id, status, created_at, next_attempt_at, due_at, leased_by)
      SELECT d.id, d.webhook_id, d.event_id, d.event, d.aggregate_id, 'pending', d.created_at,
-         d.created_at, d.due_at, d.leased_by
+         d.accepted_at, d.due_at, d.leased_by
      FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::BIGINT[],
-         $7::BIGINT[], $8::TEXT[])
-         AS d (id, webhook_id, event_id, event, aggregate_id, created_at, due_at, leased_by)";
+         $7::BIGINT[], $8::TEXT[], $9::BIGINT[])
+         AS d (id, webhook_id, event_id, event, aggregate_id, created_at, due_at, leased_by,
+             accepted_at)";
 
 /// The sending side of the queue of events waiting for a batch.
 #[derive(Clone)]
@@ -525,6 +529,7 @@ struct BatchRows<'a> {
     delivery_names: Vec<&'static str>,
     delivery_aggregates: Vec<String>,
     delivery_created_at: Vec<i64>,
+    delivery_accepted_at: Vec<i64>,
     delivery_due_at: Vec<i64>,
     delivery_leased_by: Vec<Option<String>>,
 }
@@ -546,7 +551,8 @@ impl<'a> BatchRows<'a> {
             self.delivery_events.push(event_id.clone());
             self.delivery_names.push(event.event.name);
             self.delivery_aggregates.push(aggregate.clone());
-            self.delivery_created_at.push(event.accepted_at);
+            self.delivery_created_at.push(v7_micros(job.delivery_id));
+            self.delivery_accepted_at.push(event.accepted_at);
             self.delivery_due_at.push(due_at);
             self.delivery_leased_by.push(leased_by.map(str::to_owned));
         }
@@ -686,6 +692,7 @@ async fn write_rows(
                 &rows.delivery_created_at,
                 &rows.delivery_due_at,
                 &rows.delivery_leased_by,
+                &rows.delivery_accepted_at,
             ];
             client.execute(&statements.insert_deliveries, params).await
         },
