@@ -248,17 +248,17 @@ async fn query_one(client: &impl GenericClient, sql: &str, params: Params<'_>) -
 /// the transaction commits.
 const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 
-/// Plans for statements that join a batch of keys to a table's primary key.
+/// Plans for statements that join a batch of keys to a table's primary key:
+/// a nested loop that probes the key once per row of the batch.
 ///
-/// The best plan depends on the batch's size and the table's. A generic plan
-/// cached while `deliveries` was nearly empty joins by scanning the whole
-/// table, and it stays cached on the pooled connection; so each batch gets a
-/// plan of its own. Until `deliveries` has been analyzed, PostgreSQL cannot
-/// tell that a `(webhook_id, id)` pair matches at most one row, and it hashes
-/// the whole table to join a few hundred keys. A nested loop over the
-/// primary key costs one index probe per key whatever the table's size.
-const KEY_BATCH_PLANS: &str = "SET LOCAL plan_cache_mode = force_custom_plan;
-     SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off";
+/// Left to choose, PostgreSQL scans the whole table when its statistics say
+/// that it is small, as they do until `deliveries` has first been analyzed,
+/// and it cannot tell then that a `(webhook_id, id)` pair matches at most one
+/// row. A plan made so stays cached on the pooled connection while the table
+/// grows. With these settings every plan, cached or not, costs a few index
+/// probes per key whatever the table's size, and no batch is planned again.
+const KEY_BATCH_PLANS: &str = "SET LOCAL enable_hashjoin = off;
+     SET LOCAL enable_mergejoin = off; SET LOCAL enable_seqscan = off";
 
 /// Leases up to `$3` due deliveries. One statement, so the lease is taken in
 /// the same transaction as the row locks. SKIP LOCKED passes over rows that
