@@ -1543,6 +1543,22 @@ async fn migration_keys_history_by_webhook_and_id() {
         .map(|row| row.get(0))
         .collect();
     assert_eq!(key, ["webhook_id", "id"]);
+    // Joins with webhooks.id compare in its collation, which must be the
+    // key's for the key to serve them.
+    let collations: Vec<String> = client
+        .query(
+            "SELECT c.collname::TEXT FROM pg_attribute a
+             JOIN pg_collation c ON c.oid = a.attcollation
+             WHERE (a.attrelid, a.attname) IN (('deliveries'::regclass, 'webhook_id'),
+                 ('webhooks'::regclass, 'id'))",
+            &[],
+        )
+        .await
+        .expect("reading collations")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(collations, ["C", "C"]);
 }
 
 #[tokio::test]

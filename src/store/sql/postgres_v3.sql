@@ -11,5 +11,8 @@ SET created_at = ('x' || lpad(substr(id, 1, 8) || substr(id, 10, 4), 16, '0'))::
     * 1000
 WHERE id ~ '^[0-9a-f]{8}-[0-9a-f]{4}-7';
 ALTER TABLE deliveries DROP CONSTRAINT deliveries_pkey;
-ALTER TABLE deliveries ADD PRIMARY KEY (webhook_id, id);
 DROP INDEX deliveries_by_webhook;
+-- webhooks.id has the "C" collation, and a join on webhook_id = webhooks.id
+-- compares in it. The key serves such joins only in that same collation.
+ALTER TABLE deliveries ALTER COLUMN webhook_id TYPE TEXT COLLATE "C";
+ALTER TABLE deliveries ADD PRIMARY KEY (webhook_id, id);
