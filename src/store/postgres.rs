@@ -738,14 +738,14 @@ impl PostgresStore {
         keys.dedup();
         let (ids, webhook_ids): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
         let lock_params: Params = &[&webhook_ids, &ids];
-        let (begun, custom_plans, rows) = tokio::join!(
+        let (begun, plans, rows) = tokio::join!(
             biased;
             transaction.begin(),
             transaction.client().batch_execute(KEY_BATCH_PLANS),
             transaction.client().query(&lock, lock_params),
         );
         let rows = match begun
-            .and(custom_plans.map_err(StoreError::from))
+            .and(plans.map_err(StoreError::from))
             .and(rows.map_err(StoreError::from))
         {
             Ok(rows) => rows,
