@@ -1544,21 +1544,31 @@ async fn migration_keys_history_by_webhook_and_id() {
         .collect();
     assert_eq!(key, ["webhook_id", "id"]);
     // Joins with webhooks.id compare in its collation, which must be the
-    // key's for the key to serve them.
-    let collations: Vec<String> = client
-        .query(
-            "SELECT c.collname::TEXT FROM pg_attribute a
-             JOIN pg_collation c ON c.oid = a.attcollation
-             WHERE (a.attrelid, a.attname) IN (('deliveries'::regclass, 'webhook_id'),
-                 ('webhooks'::regclass, 'id'))",
-            &[],
-        )
-        .await
-        .expect("reading collations")
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    assert_eq!(collations, ["C", "C"]);
+    // key's for the key to serve them. The other keys written per event
+    // compare bytes too.
+    for (table, column) in [
+        ("webhooks", "id"),
+        ("deliveries", "webhook_id"),
+        ("deliveries", "id"),
+        ("deliveries", "event_id"),
+        ("events", "id"),
+        ("attempts", "delivery_id"),
+        ("aggregate_states", "business_id"),
+        ("aggregate_states", "entity"),
+        ("aggregate_states", "aggregate_id"),
+    ] {
+        let collation: String = client
+            .query_one(
+                "SELECT c.collname::TEXT FROM pg_attribute a
+                 JOIN pg_collation c ON c.oid = a.attcollation
+                 WHERE a.attrelid = $1::TEXT::regclass AND a.attname = $2",
+                &[&table, &column],
+            )
+            .await
+            .expect("reading a collation")
+            .get(0);
+        assert_eq!(collation, "C", "collation of {table}.{column}");
+    }
 }
 
 #[tokio::test]
