@@ -1155,6 +1155,9 @@ impl PostgresStore {
         )
         .await?;
 
+        // NOTE: each call reads again, from the oldest, every old event that
+        // a delivery still holds, such as a pending retry: 0.1 to 0.3 s per
+        // call with 300 000 old deliveries.
         let events = execute(
             &transaction,
             "DELETE FROM events WHERE id IN (
