@@ -251,7 +251,7 @@ const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 /// Plans for statements that join a batch of keys to a table's primary key:
 /// a nested loop that probes the key once per row of the batch.
 ///
-/// Left to choose, PostgreSQL scans the whole table when its statistics say
+/// Left to choose, PostgreSQL scans the whole table when its statistics show
 /// that it is small, as they do until `deliveries` has first been analyzed,
 /// and it cannot tell then that a `(webhook_id, id)` pair matches at most one
 /// row. A plan made so stays cached on the pooled connection while the table
@@ -621,21 +621,10 @@ impl PostgresStore {
             &claim.lease_until,
             &claim.owner,
         ];
-        // One round trip: the settings, the statement and `COMMIT` go out
-        // together behind `BEGIN`.
+        // One round trip: `COMMIT` goes out right behind the statement.
         let transaction = PipelinedTransaction::new(client);
         let rows = transaction
-            .commit_after(async {
-                let (begun, plans, rows) = tokio::join!(
-                    biased;
-                    transaction.begin(),
-                    transaction.client().batch_execute(KEY_BATCH_PLANS),
-                    transaction.client().query(&statement, params),
-                );
-                begun?;
-                plans?;
-                Ok(rows?)
-            })
+            .commit_after(transaction.begin_and_query(KEY_BATCH_PLANS, &statement, params))
             .await?;
         rows.iter()
             .map(|row| {
@@ -729,7 +718,6 @@ impl PostgresStore {
             client.prepare_cached(UPDATE_DELIVERIES),
         )?;
         let transaction = PipelinedTransaction::new(client);
-        // The settings go out pipelined ahead of the first statement.
         let mut keys: Vec<(String, String)> = attempts
             .iter()
             .map(|a| (a.delivery_id.to_string(), a.webhook_id.to_string()))
@@ -738,15 +726,9 @@ impl PostgresStore {
         keys.dedup();
         let (ids, webhook_ids): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
         let lock_params: Params = &[&webhook_ids, &ids];
-        let (begun, plans, rows) = tokio::join!(
-            biased;
-            transaction.begin(),
-            transaction.client().batch_execute(KEY_BATCH_PLANS),
-            transaction.client().query(&lock, lock_params),
-        );
-        let rows = match begun
-            .and(plans.map_err(StoreError::from))
-            .and(rows.map_err(StoreError::from))
+        let rows = match transaction
+            .begin_and_query(KEY_BATCH_PLANS, &lock, lock_params)
+            .await
         {
             Ok(rows) => rows,
             Err(error) => {
@@ -754,7 +736,7 @@ impl PostgresStore {
                 return Err(error);
             }
         };
-        let mut states: HashMap<String, (DeliveryState, String, i64, Option<i32>)> = HashMap::new();
+        let mut locked: HashMap<String, LockedDelivery> = HashMap::new();
         for row in &rows {
             let state = DeliveryState {
                 status: row.try_get(1)?,
@@ -764,24 +746,30 @@ impl PostgresStore {
                 leased_by: row.try_get(5)?,
                 next_attempt_at: row.try_get(6)?,
             };
-            states.insert(row.try_get(0)?, (state, row.try_get(7)?, 0, None));
+            let delivery = LockedDelivery {
+                webhook_id: row.try_get(7)?,
+                state,
+                last_attempt_at: 0,
+                last_status_code: None,
+            };
+            locked.insert(row.try_get(0)?, delivery);
         }
 
         let mut rows = AttemptRows::default();
         for attempt in attempts.iter() {
             let id = attempt.delivery_id.to_string();
             // A delivery deleted with its webhook while the attempt ran.
-            let Some((state, _, last_attempt_at, last_status_code)) = states.get_mut(&id) else {
+            let Some(delivery) = locked.get_mut(&id) else {
                 continue;
             };
-            *state = apply_attempt(state, attempt);
-            *last_attempt_at = attempt.started_at;
-            *last_status_code = attempt.status_code.map(i32::from);
-            rows.push(id, state.attempt_count, attempt);
+            delivery.state = apply_attempt(&delivery.state, attempt);
+            delivery.last_attempt_at = attempt.started_at;
+            delivery.last_status_code = attempt.status_code.map(i32::from);
+            rows.push(id, delivery.state.attempt_count, attempt);
         }
         let mut update_rows = DeliveryRows::default();
-        for (id, (state, webhook_id, last_attempt_at, last_status_code)) in states {
-            update_rows.push((webhook_id, id), state, last_attempt_at, last_status_code);
+        for (id, delivery) in locked {
+            update_rows.push(id, delivery);
         }
         let client = transaction.client();
         let insert_params: Params = &[
@@ -1118,8 +1106,8 @@ impl PostgresStore {
     /// Deletes finished deliveries and unreferenced events created before
     /// `cutoff`. Rows are found by their id: a UUID v7 created before
     /// `cutoff` sorts below [`v7_floor`] of it. Deliveries are found webhook
-    /// by webhook, through the primary key `(webhook_id, id)`; every
-    /// delivery belongs to a stored webhook.
+    /// by webhook through the primary key `(webhook_id, id)`, which finds
+    /// them all because every delivery belongs to a stored webhook.
     pub async fn purge_history(&self, cutoff: i64, batch: usize) -> StoreResult<u64> {
         let mut client = self.client().await?;
         let transaction = client.transaction().await?;
@@ -1156,8 +1144,8 @@ impl PostgresStore {
         .await?;
 
         // NOTE: each call reads again, from the oldest, every old event that
-        // a delivery still holds, such as a pending retry: 0.1 to 0.3 s per
-        // call with 300 000 old deliveries.
+        // a delivery still references, such as a pending retry. That took
+        // 0.1 to 0.3 s per call with 300 000 old deliveries.
         let events = execute(
             &transaction,
             "DELETE FROM events WHERE id IN (
@@ -1509,20 +1497,28 @@ struct DeliveryRows {
     leased_by: Vec<Option<String>>,
 }
 
+/// A delivery locked by a batch of attempts, with its state after them.
+struct LockedDelivery {
+    webhook_id: String,
+    state: DeliveryState,
+    last_attempt_at: i64,
+    last_status_code: Option<i32>,
+}
+
 impl DeliveryRows {
-    fn push(
-        &mut self,
-        (webhook_id, id): (String, String),
-        state: DeliveryState,
-        last_attempt_at: i64,
-        code: Option<i32>,
-    ) {
+    fn push(&mut self, id: String, delivery: LockedDelivery) {
+        let LockedDelivery {
+            webhook_id,
+            state,
+            last_attempt_at,
+            last_status_code,
+        } = delivery;
         self.webhook_ids.push(webhook_id);
         self.ids.push(id);
         self.attempt_counts.push(state.attempt_count);
         self.auto_attempts.push(state.auto_attempts);
         self.last_attempt_at.push(last_attempt_at);
-        self.last_status_codes.push(code);
+        self.last_status_codes.push(last_status_code);
         self.statuses.push(state.status);
         self.due_at.push(state.due_at);
         self.next_attempt_at.push(state.next_attempt_at);

@@ -1436,7 +1436,7 @@ async fn migration_keys_history_by_webhook_and_id() {
     let Some(schema) = TestSchema::create("migration_keys_history_by_webhook_and_id").await else {
         return;
     };
-    // The schema as the two first migrations left it, with deliveries whose
+    // The schema as the first two migrations left it, with deliveries whose
     // creation time is not the time in their id.
     let client = schema.client().await;
     client

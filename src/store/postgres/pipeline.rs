@@ -15,7 +15,9 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use deadpool_postgres::{Client, GenericClient};
+use tokio_postgres::{Row, Statement};
 
+use super::Params;
 use crate::store::StoreResult;
 
 /// A pool connection inside a transaction.
@@ -47,6 +49,27 @@ impl PipelinedTransaction {
     pub(super) async fn begin(&self) -> StoreResult<()> {
         self.client().batch_execute("BEGIN").await?;
         Ok(())
+    }
+
+    /// Sends `BEGIN`, the `SET LOCAL` statements in `settings` and the
+    /// transaction's first statement in one round trip, and returns the
+    /// statement's rows. The first error is the cause, because PostgreSQL
+    /// rejects every later statement of a failed transaction.
+    pub(super) async fn begin_and_query(
+        &self,
+        settings: &str,
+        statement: &Statement,
+        params: Params<'_>,
+    ) -> StoreResult<Vec<Row>> {
+        let (begun, set, rows) = tokio::join!(
+            biased;
+            self.begin(),
+            self.client().batch_execute(settings),
+            self.client().query(statement, params),
+        );
+        begun?;
+        set?;
+        Ok(rows?)
     }
 
     /// Sends `COMMIT` right behind the statements of `writes` and waits for
